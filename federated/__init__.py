@@ -1,0 +1,2 @@
+"""Flower mode: ServerApp/ClientApp, Opacus DP-SGD, SecAgg+, robust strategies.
+"""

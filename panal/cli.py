@@ -1,0 +1,51 @@
+"""`panal`: one command, each package's group composed here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from panal import __version__
+from protocol.cli import app as keys_app
+from protocol.errors import ProtocolError
+
+app = typer.Typer(
+    name="panal",
+    help="Train large transformers across GPU pools that do not trust each other.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(keys_app, name="keys")
+
+_err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"panal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train large transformers across GPU pools that do not trust each other."""
+
+
+def main() -> None:
+    """Entry point: domain errors become one clear line and exit status 1, not a traceback."""
+    try:
+        app()
+    except ProtocolError as e:
+        _err.print(f"[red]error:[/red] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
