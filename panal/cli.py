@@ -10,6 +10,7 @@ from rich.console import Console
 from panal import __version__
 from protocol.cli import app as keys_app
 from protocol.errors import ProtocolError
+from storage.cli import app as store_app
 
 app = typer.Typer(
     name="panal",
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(keys_app, name="keys")
+app.add_typer(store_app, name="store")
 
 _err = Console(stderr=True)
 
