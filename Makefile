@@ -14,12 +14,14 @@ export DS_BUILD_OPS := 0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) tests/storage/oracles/package-lock.json
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) tests/storage/oracles/package-lock.json \
+		tests/storage/ipfsd/package-lock.json
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(if $(TORCH),$(BIN)/python -m pip install --quiet $(PIP_C) "$(TORCH)")
 	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[dev]"
 	npm ci --prefix tests/storage/oracles --no-audit --no-fund --loglevel=error
+	npm ci --prefix tests/storage/ipfsd --no-audit --no-fund --loglevel=error
 	@touch $@
 
 demo: setup

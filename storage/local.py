@@ -39,11 +39,6 @@ from storage.errors import IntegrityError, NotFound
 STALE_TMP_SECONDS = 3600
 
 
-def builder_for(cid: CID) -> CidBuilder:
-    """The builder that recomputes ``cid``: v0 with Kubo's defaults, v1 with raw leaves."""
-    return CidBuilder(cid_version=cid.version, raw_leaves=cid.version == 1)
-
-
 def hashed(chunks: Iterable[bytes], builder: CidBuilder) -> Iterator[bytes]:
     """Yield ``chunks`` while a second thread feeds them to ``builder``.
 
@@ -107,7 +102,7 @@ class LocalStore(BlobStore):
         pin: bool = False,
         progress: Progress | None = None,
     ) -> CID:
-        builder = CidBuilder(cid_version=cid_version, raw_leaves=cid_version == 1)
+        builder = CidBuilder(cid_version=cid_version)  # v1 implies raw leaves, as in Kubo
         with self._locked(exclusive=False):
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
             try:
@@ -140,7 +135,7 @@ class LocalStore(BlobStore):
         except FileNotFoundError:
             raise NotFound(f"blob {cid} is not in {self.url}") from None
         check_size(size, max_bytes, cid)
-        builder = builder_for(cid)
+        builder = CidBuilder(cid_version=cid.version)
         yield from hashed(iter_file(path, CHUNK), builder)
         got = builder.finish()
         if got != cid:
