@@ -7,6 +7,9 @@ import sys
 import typer
 from rich.console import Console
 
+from model.cli import plan_command
+from model.config import ModelConfigError
+from model.train_cli import train_command
 from panal import __version__
 from protocol.cli import app as keys_app
 from protocol.errors import ProtocolError
@@ -21,6 +24,8 @@ app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(store_app, name="store")
+app.command("plan")(plan_command)
+app.command("train")(train_command)
 
 _err = Console(stderr=True)
 
@@ -41,11 +46,12 @@ def root(
 
 
 def main() -> None:
-    """Entry point: domain errors become one clear line and exit status 1, not a traceback."""
+    """Entry point: domain errors (bad input, failed checks) become one clear line and exit
+    status 1, not a traceback."""
     try:
         app()
-    except ProtocolError as e:
-        _err.print(f"[red]error:[/red] {e}")
+    except (ProtocolError, ModelConfigError) as e:
+        _err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(1)
 
 

@@ -90,8 +90,15 @@ class StageEntry(BaseModel):
     cid: str
     layer_start: int = Field(ge=0)
     layer_end: int = Field(ge=0)
+    # Optimizer state (Adam moments, schedule position) per data-parallel rank, for exact resume.
+    optimizer: list[str] = Field(default_factory=list)
 
     _check_cid = field_validator("cid")(_cid)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _check_cids(cls, v: list[str]) -> list[str]:
+        return [_cid(c) for c in v]
 
 
 class CheckpointManifest(_Body):
@@ -111,6 +118,9 @@ class CheckpointManifest(_Body):
 
     def children(self) -> list[tuple[str, str]]:
         kids = [(f"stage {s.stage}", s.cid) for s in self.stages]
+        kids += [
+            (f"stage {s.stage} optimizer {r}", c) for s in self.stages for r, c in enumerate(s.optimizer)
+        ]
         if self.parent:
             kids.append(("parent checkpoint", self.parent))
         return kids
