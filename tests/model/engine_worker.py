@@ -63,6 +63,11 @@ def main() -> None:
     result: dict = {"rank": rank}
     if scenario == "parity":
         eng = engine(rank, world, stages, port)
+        import hashlib
+
+        result["initial"] = {
+            k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in eng.get_weights().items()
+        }
         result["losses"], result["lrs"] = train(eng, STEPS)
         result["stage"] = eng.stage_id
         result["names"] = eng.stage_names()

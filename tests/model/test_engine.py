@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from model.engine import EngineError, TrainConfig, World, deepspeed_config
 from model.gpt import GPT, loss_fn
+from model.stage import initial_stage_weights
 from tests.model.engine_worker import ACCUM, STEPS, config, make_batch
 from tests.model.pool import run_pool
 
@@ -55,6 +58,10 @@ def test_two_stage_pipeline_matches_plain_pytorch(tmp_path):
     diffs = [abs(a - b) for a, b in zip(ranks[0]["losses"], ref, strict=True)]
     assert max(diffs) < TOLERANCE, f"pipeline vs reference per-step |Δloss|: {diffs}"
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
+    # A coordinator makes the same initial stage weights, under the same names, without DeepSpeed.
+    for r in ranks:
+        mine = initial_stage_weights(config(), 2, r["stage"], seed=0)
+        assert {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in mine.items()} == r["initial"]
 
 
 def test_set_weights_updates_the_fp32_master_copy(tmp_path):
