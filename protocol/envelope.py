@@ -121,6 +121,7 @@ class Verified:
     sender: bytes
     timestamp_ms: int
     body: Message
+    envelope: pb.Envelope  # as received: stored by whoever must re-verify it later
 
     @property
     def sender_id(self) -> str:
@@ -183,4 +184,5 @@ def open_envelope(
         sender=bytes(env.sender),
         timestamp_ms=env.timestamp_ms,
         body=body,
+        envelope=env,
     )

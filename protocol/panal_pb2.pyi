@@ -104,18 +104,24 @@ class EnrollReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., coordinator_public_key: _Optional[bytes] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("state", "step", "loss", "tokens_per_second", "detail")
+    __slots__ = ("state", "step", "loss", "tokens_per_second", "detail", "round", "weights_digest", "epoch")
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     state: NodeState
     step: int
     loss: float
     tokens_per_second: float
     detail: str
-    def __init__(self, state: _Optional[_Union[NodeState, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+    round: int
+    weights_digest: str
+    epoch: int
+    def __init__(self, state: _Optional[_Union[NodeState, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., detail: _Optional[str] = ..., round: _Optional[int] = ..., weights_digest: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("server_time_ms", "assignment_changed", "evicted", "message")
@@ -150,7 +156,7 @@ class DistributedWorld(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_address: _Optional[str] = ..., master_port: _Optional[int] = ..., backend: _Optional[str] = ..., timeout_s: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job", "round", "pool", "stage", "num_stages", "layer_start", "layer_end", "world", "dataset_cid", "shard_cids", "start_weights_cid", "inner_steps", "compression", "deadline_ms", "standby", "model_config_json", "seed")
+    __slots__ = ("job", "round", "pool", "stage", "num_stages", "layer_start", "layer_end", "world", "dataset_cid", "shard_cids", "start_weights_cid", "inner_steps", "compression", "deadline_ms", "standby", "model_config_json", "seed", "epoch", "job_spec_json", "coordinator_public_key")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +174,9 @@ class Assignment(_message.Message):
     STANDBY_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    JOB_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     pool: str
@@ -185,7 +194,10 @@ class Assignment(_message.Message):
     standby: bool
     model_config_json: str
     seed: int
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., pool: _Optional[str] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., world: _Optional[_Union[DistributedWorld, _Mapping]] = ..., dataset_cid: _Optional[str] = ..., shard_cids: _Optional[_Iterable[str]] = ..., start_weights_cid: _Optional[str] = ..., inner_steps: _Optional[int] = ..., compression: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., standby: _Optional[bool] = ..., model_config_json: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    epoch: int
+    job_spec_json: str
+    coordinator_public_key: bytes
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., pool: _Optional[str] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., world: _Optional[_Union[DistributedWorld, _Mapping]] = ..., dataset_cid: _Optional[str] = ..., shard_cids: _Optional[_Iterable[str]] = ..., start_weights_cid: _Optional[str] = ..., inner_steps: _Optional[int] = ..., compression: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., standby: _Optional[bool] = ..., model_config_json: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., job_spec_json: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ...) -> None: ...
 
 class GetAssignmentReply(_message.Message):
     __slots__ = ("has_assignment", "assignment", "reason", "retry_after_ms")

@@ -1,0 +1,73 @@
+"""Checking an update's blob: every check a pseudo-gradient from another operator must pass.
+
+The envelope (signature, replay, job and round) was checked by the interceptor
+and the assignment by the coordinator; this module checks the blob the update
+names: its size, its SHA-256 against the signed request, its CID (the store
+verifies on read), that it is safetensors with exactly the stage's tensor
+names, shapes and dtypes (after the job's compression), and that every value
+is finite. Each failure raises an exception whose message is the rejection
+reason recorded and sent back to the node.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protocol import panal_pb2 as pb
+from protocol.errors import IntegrityError, MessageTooLarge
+from protocol.hashing import sha256
+from storage import compression, tensors
+from storage.blobstore import BlobStore
+from storage.tensors import TensorLimits, TensorSpec
+
+# Headroom over the stage's own size (an fp32 pseudo-gradient is as large as the weights).
+SIZE_SLACK = 1.05
+HEADER_SLACK = 64 * 1024
+
+
+def max_update_bytes(weights_spec: dict[str, TensorSpec]) -> int:
+    fp32 = sum(4 * _numel(s.shape) for s in weights_spec.values())
+    return int(fp32 * SIZE_SLACK) + HEADER_SLACK + 64 * len(weights_spec)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def load_update(
+    store: BlobStore,
+    request: pb.SubmitUpdateRequest,
+    *,
+    weights_spec: dict[str, TensorSpec],
+    method: str,
+) -> dict[str, torch.Tensor]:
+    """The pseudo-gradient the update names, decompressed to FP32, after every check."""
+    if request.compression != method:
+        raise IntegrityError(f"update is compressed with {request.compression!r}; this job uses {method!r}")
+    limit = max_update_bytes(weights_spec)
+    if request.blob_bytes > limit:
+        raise MessageTooLarge(
+            f"update blob declares {request.blob_bytes} bytes; the limit for this stage is {limit}"
+        )
+    data = store.get_bytes(request.blob_cid, max_bytes=limit)  # verified against its CID
+    if len(data) != request.blob_bytes:
+        raise IntegrityError(
+            f"update blob is {len(data)} bytes; the signed request says {request.blob_bytes}"
+        )
+    if sha256(data) != request.blob_sha256:
+        raise IntegrityError("update blob's SHA-256 does not match the one in the signed request")
+    limits = TensorLimits(
+        max_bytes=limit,
+        max_tensors=3 * len(weights_spec) + 1,
+        allowed_dtypes=frozenset({"F32", "F16", "I8", "I64"}),
+    )
+    tensors.check_schema(tensors.read_header(data, limits), compression.expected_spec(method, weights_spec))
+    delta = compression.decompress(tensors.load(data, limits), method)
+    tensors.check_schema(
+        tensors.spec_of(delta), {k: TensorSpec("F32", s.shape) for k, s in weights_spec.items()}
+    )
+    tensors.check_finite(delta)
+    return delta

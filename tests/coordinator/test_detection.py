@@ -1,0 +1,225 @@
+"""Poisoning defence: attack stories against an honest cluster, thresholds, and reputation over rounds.
+
+Noise model of the honest pools (used throughout): d = 4096 parameters, a shared
+descent direction g with ‖g‖ ≈ 1, and pool i sends u_i = s_i·g + ε_i with a
+per-pool step scale s_i ~ U(0.7, 1.3) (different data, different progress) and
+noise ε_i ~ N(0, σ²/d · I), σ = 1 — noise as large as the signal, harsher than
+DiLoCo pseudo-gradients after H inner steps, whose pools agree more.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from coordinator.aggregation import AggregationConfig, aggregate
+from coordinator.detection import (
+    DetectionPolicy,
+    Reputation,
+    UpdateScore,
+    judge,
+    score_updates,
+)
+
+D = 4096
+
+
+def honest_pools(n=8, seed=0, sigma=1.0):
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(D, generator=g) / math.sqrt(D)
+    return [
+        (0.7 + 0.6 * torch.rand((), generator=g)) * direction
+        + sigma * torch.randn(D, generator=g) / math.sqrt(D)
+        for _ in range(n)
+    ]
+
+
+def verdicts_for(updates, policy=DetectionPolicy(), rule="centered_clipping"):
+    agg = aggregate(updates, AggregationConfig(rule=rule)).vector
+    return judge(score_updates(updates, agg), policy)
+
+
+ATTACKS = {
+    # name: (how the Byzantine pool builds its update from an honest one, the reason it must get)
+    "sign flip": (lambda u, g: -u, "cosine similarity"),
+    "scaled ×100": (lambda u, g: 100 * u, "above the limit 3.0×"),
+    "gaussian noise": (lambda u, g: 10 * torch.randn(D, generator=g) / math.sqrt(D), "distance"),
+    "zeros (free ride)": (lambda u, g: torch.zeros(D), "update is all zeros"),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_story_one_byzantine_pool_among_eight_honest_is_rejected(attack):
+    make, reason = ATTACKS[attack]
+    honest = honest_pools()
+    bad = make(honest[0], torch.Generator().manual_seed(9))
+    updates = honest[:4] + [bad] + honest[4:]
+    verdicts = verdicts_for(updates)
+    assert not verdicts[4].accepted
+    assert any(reason in r for r in verdicts[4].reasons), verdicts[4].reasons
+    assert all(v.accepted for i, v in enumerate(verdicts) if i != 4), [v.reasons for v in verdicts]
+
+
+def test_story_four_different_attackers_at_once():
+    honest = honest_pools(seed=1)
+    g = torch.Generator().manual_seed(7)
+    attackers = [make(honest[i], g) for i, (make, _) in enumerate(ATTACKS.values())]
+    for rule in ("centered_clipping", "median", "trimmed_mean"):
+        verdicts = verdicts_for(honest + attackers, rule=rule)
+        assert [v.accepted for v in verdicts] == [True] * 8 + [False] * 4, rule
+        for v, (_, reason) in zip(verdicts[8:], ATTACKS.values(), strict=True):
+            assert any(reason in r for r in v.reasons), (rule, v.reasons)
+
+
+def test_reasons_read_as_sentences():
+    honest = honest_pools()
+    verdicts = verdicts_for(honest + [-honest[0], 100 * honest[1]])
+    flip, scaled = verdicts[8].reasons, verdicts[9].reasons
+    assert flip[0].startswith("cosine similarity -0.") and flip[0].endswith(
+        "to the robust aggregate is below 0.00"
+    )
+    assert any(r.endswith("× the median update norm, above the limit 3.0×") and " is 9" in r for r in scaled)
+
+
+def test_no_honest_pool_is_rejected_in_clean_rounds():
+    """30 rounds of 8 honest pools under the noise model: not one false rejection."""
+    for seed in range(30):
+        verdicts = verdicts_for(honest_pools(seed=100 + seed))
+        assert all(v.accepted for v in verdicts), (seed, [v.reasons for v in verdicts])
+
+
+def test_scores_by_hand():
+    # aggregate a = (1, 0); updates: (2, 0), (0, 1), (−1, 0)
+    a = torch.tensor([1.0, 0.0])
+    ups = [torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0])]
+    s = score_updates(ups, a)
+    assert [x.norm for x in s] == [2.0, 1.0, 1.0]
+    assert [x.cosine for x in s] == [1.0, 0.0, -1.0]
+    assert [x.distance for x in s] == [1.0, math.sqrt(2), 2.0]
+    assert [x.norm_ratio for x in s] == [2.0, 1.0, 1.0]  # median norm 1
+    assert [x.distance_ratio for x in s] == [1 / math.sqrt(2), 1.0, 2 / math.sqrt(2)]
+    assert all(x.krum_score is None for x in s)
+
+
+def test_krum_scores_match_the_aggregation_rule():
+    ups = honest_pools(n=7, seed=3)
+    result = aggregate(ups, AggregationConfig(rule="krum", f=2))
+    scores = score_updates(ups, result.vector, krum_f=2)
+    assert tuple(s.krum_score for s in scores) == result.scores
+    # R = 7 ≤ 2f + 2 = 8 for f = 3: not computable, so left out rather than raised
+    assert all(s.krum_score is None for s in score_updates(ups, result.vector, krum_f=3))
+
+
+def test_scores_do_not_depend_on_the_chunk_size():
+    ups = honest_pools(n=5, seed=4)
+    agg = aggregate(ups, AggregationConfig(rule="median")).vector
+    assert score_updates(ups, agg, krum_f=1) == score_updates(ups, agg, krum_f=1, chunk=256)
+
+
+def test_zero_medians_and_zero_aggregate():
+    zeros = [torch.zeros(3)] * 3
+    s = score_updates(zeros + [torch.ones(3)], torch.zeros(3))
+    assert [x.norm_ratio for x in s] == [1.0, 1.0, 1.0, math.inf]
+    assert [x.cosine for x in s] == [0.0] * 4  # undefined against a zero aggregate: neutral
+    assert [v.accepted for v in judge(s, DetectionPolicy())] == [True, True, True, False]
+
+
+def test_disabled_policy_accepts_everything():
+    honest = honest_pools()
+    verdicts = verdicts_for(honest + [-100 * honest[0]], DetectionPolicy(enabled=False))
+    assert all(v.accepted and not v.reasons for v in verdicts)
+
+
+def test_policy_thresholds_are_validated():
+    with pytest.raises(ValueError, match="min_cosine"):
+        DetectionPolicy(min_cosine=2)
+    with pytest.raises(ValueError, match="max_norm_ratio"):
+        DetectionPolicy(max_norm_ratio=0.5)
+
+
+def test_a_hand_made_score_meets_each_threshold():
+    base = {"index": 0, "norm": 1.0, "distance": 1.0, "krum_score": None}
+    policy = DetectionPolicy(min_cosine=0.1)
+    cases = [
+        ({"cosine": 0.05, "norm_ratio": 1.0, "distance_ratio": 1.0}, "cosine similarity 0.05"),
+        ({"cosine": 0.5, "norm_ratio": 3.5, "distance_ratio": 1.0}, "3.5× the median update norm"),
+        ({"cosine": 0.5, "norm_ratio": 0.1, "distance_ratio": 1.0}, "below the limit 0.25×"),
+        ({"cosine": 0.5, "norm_ratio": 1.0, "distance_ratio": 4.0}, "4.0× the median distance"),
+    ]
+    for fields, reason in cases:
+        (v,) = judge([UpdateScore(**base, **fields)], policy)
+        assert not v.accepted and len(v.reasons) == 1 and reason in v.reasons[0]
+    (v,) = judge([UpdateScore(**base, cosine=0.1, norm_ratio=3.0, distance_ratio=3.0)], policy)
+    assert v.accepted  # the limits themselves pass
+
+
+# --- reputation across rounds --------------------------------------------------------------------
+
+
+def history(rep, node, verdicts, start=0):
+    for k, rejected in enumerate(verdicts):
+        rep = rep.record(node, start + k, rejected)
+    return rep
+
+
+def test_story_a_node_rejected_twice_in_three_rounds_is_quarantined():
+    rep = history(Reputation(), "mallory", [True, False, True])
+    assert rep.should_quarantine("mallory") and rep.rejections("mallory") == 2
+    assert not history(Reputation(), "alice", [True, False, False]).should_quarantine("alice")
+    assert not Reputation().should_quarantine("never-seen")
+
+
+def test_old_rejections_slide_out_of_the_window():
+    rep = history(Reputation(), "bob", [True, False, False, True])  # last three: A, A, R
+    assert rep.rejections("bob") == 1 and not rep.should_quarantine("bob")
+
+
+def test_recovery_after_window_minus_threshold_plus_one_accepted_updates():
+    rep = history(Reputation(), "carol", [True, True])
+    assert rep.should_quarantine("carol")
+    rep = rep.record("carol", 2, False)  # R, R, A: still 2
+    assert rep.should_quarantine("carol")
+    rep = rep.record("carol", 3, False)  # R, A, A: released
+    assert not rep.should_quarantine("carol")
+    # or an operator releases at once
+    assert not history(Reputation(), "dave", [True, True]).release("dave").should_quarantine("dave")
+
+
+def test_recording_is_pure_idempotent_per_round_and_in_order():
+    empty = Reputation()
+    once = empty.record("n", 5, True)
+    assert empty.rejections("n") == 0  # the original is untouched
+    again = once.record("n", 5, False)  # the coordinator re-ran round 5 after a restart
+    assert again.history["n"] == ((5, False),)
+    with pytest.raises(ValueError, match="round 4 recorded after round 5"):
+        once.record("n", 4, True)
+
+
+def test_record_round_and_round_trip_through_json():
+    rep = Reputation(window=4, threshold=3).record_round(0, {"a": True, "b": False})
+    rep = rep.record_round(1, {"a": True}).record_round(2, {"a": True, "b": True})
+    assert rep.should_quarantine("a") and not rep.should_quarantine("b")
+    back = Reputation.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert back == rep
+    assert rep.to_dict() == {
+        "window": 4,
+        "threshold": 3,
+        "nodes": {"a": [[0, 1], [1, 1], [2, 1]], "b": [[0, 0], [2, 1]]},
+    }
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {},
+        {"window": 3, "threshold": 2},
+        {"window": 3, "threshold": 2, "nodes": {"a": [[1, 1], [0, 0]]}},
+        {"window": 3, "threshold": 2, "nodes": {"a": [[0, 1], [1, 1], [2, 1], [3, 1]]}},
+        {"window": 3, "threshold": 2, "nodes": {"a": [["x", 1]]}},
+        {"window": 2, "threshold": 3, "nodes": {}},
+    ],
+)
+def test_malformed_reputation_state_is_refused(state):
+    with pytest.raises(ValueError):
+        Reputation.from_dict(state)

@@ -1,0 +1,295 @@
+"""The coordinator over real gRPC with mTLS on loopback, nodes played by the test.
+
+The nodes here are the test itself speaking the real protocol (enroll with a
+token, heartbeat, get the assignment, put a pseudo-gradient in the store,
+submit a signed update) so that each attack story can craft exactly the bad
+request it is about; the multi-process run with DeepSpeed nodes is in
+tests/e2e. Every story ends with its reason recorded while the round goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+
+from coordinator.server import CoordinatorConfig, RunningCoordinator, init
+from protocol import panal_pb2 as pb
+from protocol import tls
+from protocol.client import Client
+from protocol.envelope import open_envelope, seal
+from protocol.hashing import sha256
+from protocol.identity import Identity
+from storage import manifest, tensors
+from storage.manifest import DatasetManifest, ShardEntry
+from storage.stores import open_store
+
+POOLS, STAGES = ["pool-a", "pool-b"], 2
+
+
+@dataclass
+class FakeNode:
+    """A node as the coordinator sees it: an identity, a certificate, a client."""
+
+    identity: Identity
+    pool: str
+    cert: tls.CertKey
+    ca_pem: bytes
+    client: Client | None = None
+
+    def connect(self, port):
+        if self.client is not None:
+            self.client.close()
+        self.client = Client(f"localhost:{port}", self.identity, ca_pem=self.ca_pem, cert=self.cert)
+        return self
+
+    def call(self, method, body, **kw):
+        return self.client.call(self.client.node, method, body, **kw)
+
+
+def start(home):
+    running = RunningCoordinator(CoordinatorConfig.load(home), tick_s=0.1).start()
+    return running
+
+
+@pytest.fixture
+def world(tmp_path):
+    home = tmp_path / "coord"
+    init(home, hostnames=["localhost", "127.0.0.1"], port=0, enroll_port=0, metrics_port=0, heartbeat_timeout_s=30)
+    running = start(home)
+    store = open_store(CoordinatorConfig.load(home).store_url)
+    owner = Identity.generate()
+    shards = [str(store.put_bytes(f"shard {i}".encode(), pin=True)) for i in range(4)]
+    ds = DatasetManifest(
+        name="t", tokenizer_cid=str(store.put_bytes(b"tok", pin=True)), vocab_size=512, seq_len=64,
+        token_dtype="uint16", shards=[ShardEntry(cid=c, split="train", tokens=100, sequences=1) for c in shards],
+    )
+    dataset = str(store.put_bytes(manifest.sign(ds, owner), pin=True))
+    ctx = {"home": home, "running": running, "store": store, "dataset": dataset}
+    ctx["admin"] = Client(
+        f"localhost:{running.port}", Identity.load(home / "admin.key"), ca_pem=(home / "ca.pem").read_bytes(),
+        cert=tls.load(home / "admin.pem", home / "admin-tls.key"),
+    )
+    yield ctx
+    ctx["admin"].close()
+    ctx["running"].stop(grace=0)
+
+
+def admin(ctx, method, body):
+    return ctx["admin"].call(ctx["admin"].admin, method, body)
+
+
+def enroll(ctx, pool, token=None):
+    ident = Identity.generate()
+    home = ctx["home"]
+    token = token or admin(ctx, "CreateEnrollmentToken", pb.CreateEnrollmentTokenRequest(pool=pool, ttl_seconds=600)).token
+    csr, key = tls.make_csr(ident.fingerprint)
+    with Client(f"localhost:{ctx['running'].enroll_port}", ident, ca_pem=(home / "ca.pem").read_bytes()) as c:
+        reply = c.call(
+            c.node, "Enroll",
+            pb.EnrollRequest(token=token, pool=pool, name=f"n-{pool}", csr_pem=csr, data_address="127.0.0.1:1",
+                             capabilities=pb.Capabilities(accelerator="cpu", host_memory_bytes=16 << 30)),
+        )
+    node = FakeNode(ident, pool, tls.CertKey(reply.certificate_pem, key), (home / "ca.pem").read_bytes())
+    return node.connect(ctx["running"].port)
+
+
+def job_yaml(ctx, **over):
+    spec = {"name": "j1", "dataset": ctx["dataset"], "pools": POOLS, "stages": STAGES, "rounds": 2,
+            "inner_steps": 1, "min_pools": 1, "round_timeout_s": 120, **over}
+    return json.dumps(spec)
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_job(ctx):
+    nodes = {p: [enroll(ctx, p) for _ in range(STAGES)] for p in POOLS}
+    admin(ctx, "SubmitJob", pb.SubmitJobRequest(spec_yaml=job_yaml(ctx)))
+    for ns in nodes.values():
+        for n in ns:
+            n.call("Heartbeat", pb.HeartbeatRequest())
+    wait_for(lambda: admin(ctx, "Status", pb.StatusRequest()).job_state == "running", what="job start")
+    return nodes
+
+
+def assignment(node):
+    got = node.call("GetAssignment", pb.GetAssignmentRequest())
+    assert got.has_assignment, got.reason
+    return got.assignment
+
+
+def make_update(ctx, node, a, *, scale=0.01, seed=0, tamper=None):
+    """A real pseudo-gradient for the node's stage: same names and shapes as the start weights."""
+    start = tensors.load(ctx["store"].get_bytes(a.start_weights_cid))
+    g = torch.Generator().manual_seed(seed)
+    delta = {k: scale * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    if tamper:
+        tamper(delta)
+    blob = tensors.dump(delta)
+    cid = ctx["store"].put_bytes(blob, pin=True)
+    req = pb.SubmitUpdateRequest(pool=a.pool, stage=a.stage, blob_cid=str(cid), blob_sha256=sha256(blob),
+                                 blob_bytes=len(blob), base_weights_cid=a.start_weights_cid, compression="none",
+                                 tokens=100, loss=3.0, norm=1.0)
+    return delta, req
+
+
+def submit(node, a, req):
+    return node.call("SubmitUpdate", req, job=a.job, round=a.round)
+
+
+def test_a_round_aggregates_with_the_outer_step_and_publishes_a_signed_result(world):
+    nodes = running_job(world)
+    deltas = {}
+    for pool, ns in nodes.items():
+        for n in ns:
+            a = assignment(n)
+            deltas[(pool, a.stage)], req = make_update(world, n, a, seed=hash((pool, a.stage)) % 1000)
+            assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED
+    n0 = nodes["pool-a"][0]
+    a0 = assignment(n0)
+    assert a0.round == 1, "all four updates in: the round closed and round 1 opened"
+    got = n0.call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=0)
+    assert got.ready
+    result = open_envelope(got.result, pb.RoundResult, replay=None, job="j1", round=0).body
+    assert bytes(got.result.sender) == Identity.load(world["home"] / "coordinator.key").public_key
+    assert sorted(result.pools) == POOLS and all(not s.rejected for s in result.stages)
+    # θ1 = θ0 − lr·(Δ̄ + μ·Δ̄) in the first round (Nesterov, zero momentum), with Δ̄ the mean.
+    for stage in range(STAGES):
+        start = tensors.load(world["store"].get_bytes(
+            json.loads(world["running"].state.one("SELECT start_weights FROM rounds WHERE round=0")["start_weights"])[str(stage)]))
+        new = tensors.load(world["store"].get_bytes(result.stages[stage].weights_cid))
+        for name in start:
+            mean = (deltas[("pool-a", stage)][name].double() + deltas[("pool-b", stage)][name].double()) / 2
+            expect = (start[name].double() - 0.7 * (mean + 0.9 * mean)).float()
+            assert torch.allclose(new[name], expect, atol=1e-6), name
+    # Both pools are handed the same new weights for round 1.
+    for stage in range(STAGES):
+        cids = {assignment(n).start_weights_cid for ns in nodes.values() for n in ns if assignment(n).stage == stage}
+        assert cids == {result.stages[stage].weights_cid}
+
+
+def test_story_an_update_for_a_stage_the_node_does_not_hold(world):
+    nodes = running_job(world)
+    n = nodes["pool-a"][0]
+    a = assignment(n)
+    other = pb.Assignment()
+    other.CopyFrom(a)
+    other.stage = 1 - a.stage
+    other.start_weights_cid = assignment(nodes["pool-a"][1]).start_weights_cid
+    _, req = make_update(world, n, other)
+    reply = submit(n, a, req)
+    assert reply.status == pb.UPDATE_STATUS_REJECTED and "does not hold stage" in reply.reason
+    _, good = make_update(world, n, a)
+    assert submit(n, a, good).status == pb.UPDATE_STATUS_ACCEPTED  # training goes on
+
+
+def test_story_a_replayed_update(world):
+    nodes = running_job(world)
+    n = nodes["pool-b"][1]
+    a = assignment(n)
+    _, req = make_update(world, n, a)
+    env = seal(n.identity, req, job=a.job, round=a.round)
+    assert n.client.node.SubmitUpdate(env, timeout=10).status == pb.UPDATE_STATUS_ACCEPTED
+    with pytest.raises(grpc.RpcError) as info:
+        n.client.node.SubmitUpdate(env, timeout=10)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS and "ReplayError" in info.value.details()
+
+
+def test_story_a_blob_whose_hash_does_not_match_its_manifest(world):
+    nodes = running_job(world)
+    n = nodes["pool-a"][1]
+    a = assignment(n)
+    _, req = make_update(world, n, a)
+    req.blob_sha256 = sha256(b"something else")
+    reply = submit(n, a, req)
+    assert reply.status == pb.UPDATE_STATUS_REJECTED and "SHA-256 does not match" in reply.reason
+    rounds = admin(world, "ListRounds", pb.ListRoundsRequest())
+    assert rounds.rounds[0].updates_rejected == 1
+
+
+@pytest.mark.parametrize(
+    ("story", "tamper", "reason"),
+    [
+        ("a NaN in the pseudo-gradient", lambda d: next(iter(d.values())).view(-1).__setitem__(0, float("nan")), "NaN"),
+        ("a tensor of the wrong shape", lambda d: d.update({k: torch.zeros(3) for k in list(d)[:1]}), "shape"),
+        ("an extra tensor", lambda d: d.update({"evil": torch.zeros(1)}), "unexpected"),
+    ],
+)
+def test_story_malformed_pseudo_gradients(world, story, tamper, reason):
+    nodes = running_job(world)
+    n = nodes["pool-b"][0]
+    a = assignment(n)
+    _, req = make_update(world, n, a, tamper=tamper)
+    reply = submit(n, a, req)
+    assert reply.status == pb.UPDATE_STATUS_REJECTED and reason in reply.reason, (story, reply.reason)
+
+
+def test_story_an_update_from_an_evicted_node(world):
+    nodes = running_job(world)
+    n = nodes["pool-a"][0]
+    a = assignment(n)
+    admin(world, "EvictNode", pb.EvictNodeRequest(node_id=n.identity.fingerprint, reason="misbehaving"))
+    _, req = make_update(world, n, a)
+    with pytest.raises(grpc.RpcError) as info:
+        submit(n, a, req)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "evicted" in info.value.details()
+    status = admin(world, "Status", pb.StatusRequest())
+    assert any("evicted" in p.detail for p in status.pools)
+
+
+def test_story_enrollment_with_a_used_or_expired_token(world):
+    token = admin(world, "CreateEnrollmentToken", pb.CreateEnrollmentTokenRequest(pool="pool-a", ttl_seconds=600)).token
+    enroll(world, "pool-a", token)
+    with pytest.raises(grpc.RpcError) as info:
+        enroll(world, "pool-a", token)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "already used" in info.value.details()
+    short = admin(world, "CreateEnrollmentToken", pb.CreateEnrollmentTokenRequest(pool="pool-a", ttl_seconds=1))
+    wait_for(lambda: time.time() * 1000 > short.expires_at_ms + 10, what="token expiry")
+    with pytest.raises(grpc.RpcError) as info:
+        enroll(world, "pool-a", short.token)
+    assert "expired" in info.value.details()
+
+
+def test_story_the_coordinator_restarts_mid_round_and_loses_nothing(world):
+    nodes = running_job(world)
+    n = nodes["pool-a"][0]
+    a = assignment(n)
+    _, req = make_update(world, n, a)
+    accepted = submit(n, a, req)
+    assert accepted.status == pb.UPDATE_STATUS_ACCEPTED
+    world["running"].stop(grace=0)
+    world["running"] = start(world["home"])  # same files, a fresh process state
+    # Test coordinators listen on port 0: the restarted one has new ports, so everyone reconnects.
+    for ns in nodes.values():
+        for node in ns:
+            node.connect(world["running"].port)
+    world["admin"].close()
+    world["admin"] = Client(
+        f"localhost:{world['running'].port}", Identity.load(world["home"] / "admin.key"),
+        ca_pem=(world["home"] / "ca.pem").read_bytes(),
+        cert=tls.load(world["home"] / "admin.pem", world["home"] / "admin-tls.key"),
+    )
+    rounds = admin(world, "ListRounds", pb.ListRoundsRequest())
+    assert rounds.rounds[0].state == "open" and rounds.rounds[0].updates_accepted == 1
+    # The acknowledged update is still there: resubmitting it is recognised, not duplicated.
+    assert submit(nodes["pool-a"][0], a, req).reason == "already accepted"
+    for pool, ns in nodes.items():
+        for node in ns:
+            b = assignment(node)
+            if (pool, b.stage) == ("pool-a", a.stage):
+                continue
+            _, r = make_update(world, node, b)
+            assert submit(node, b, r).status == pb.UPDATE_STATUS_ACCEPTED
+    assert admin(world, "ListRounds", pb.ListRoundsRequest()).rounds[0].round == 1
