@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) tests/storage/oracles/package-
 	npm ci --prefix tests/storage/ipfsd --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The main job on embedded defaults: demo corpus, a coordinator and 2 pools x 2 stages of node
+# daemons as separate processes on loopback, a few rounds, then the summary.
 demo: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -m panal.demo
+	PATH=$(CURDIR)/$(BIN):$$PATH DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/panal simulate --summary-json runs/demo-summary.json
 
 # pytest exits 5 when it collected nothing: a test run that tests nothing fails.
 test: setup

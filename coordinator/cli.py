@@ -228,6 +228,58 @@ def evict_command(
     console.print(f"evicted {node}")
 
 
+@admin_app.command("verify-round")
+def verify_round_command(
+    round: int = typer.Argument(..., help="The round to recompute."),
+    job: str = typer.Option("", "--job", help="Job name (default: the current job)."),
+    store: str | None = typer.Option(
+        None, "--store", envvar="PANAL_STORE", help="Store holding the round's blobs."
+    ),
+) -> None:
+    """Recompute a round from the store and check the coordinator's signed result (exit 0 only if all holds)."""
+    from coordinator.job import JobSpec
+    from coordinator.server import CoordinatorConfig
+    from coordinator.verify_round import verify_round
+    from protocol.identity import read_public_key
+    from storage.stores import open_store
+
+    spec_reply = _call("GetJob", pb.GetJobRequest(job=job))
+    spec = JobSpec.model_validate_json(spec_reply.spec_yaml)  # type: ignore[attr-defined]
+    results = {
+        r.round: r.result_cid
+        for r in _call("ListRounds", pb.ListRoundsRequest(job=spec.name, limit=1_000_000)).rounds
+    }  # type: ignore[attr-defined]
+    if not results.get(round):
+        err.print(f"[red]error:[/red] round {round} of {spec.name} has no result yet")
+        raise typer.Exit(1)
+    config = CoordinatorConfig.load(_Admin.home)
+    key = read_public_key(config.home / "coordinator.key.pub")
+    checks = verify_round(
+        open_store(store or config.store_url),
+        spec,
+        results[round],
+        round=round,
+        coordinator_key=key,
+        previous_cid=results.get(round - 1) or None,
+    )
+    table = Table("", "check", "detail", title=f"{spec.name} round {round}: {results[round]}")
+    for c in checks:
+        table.add_row("[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.what, c.detail)
+    console.print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@admin_app.command("readmit")
+def readmit_command(
+    node: str = typer.Argument(..., help="Node id (or a unique prefix)."),
+    reason: str = typer.Option("", "--reason"),
+) -> None:
+    """Lift a quarantine (or an eviction): the node may take work again."""
+    _call("ReadmitNode", pb.ReadmitNodeRequest(node_id=node, reason=reason))
+    console.print(f"readmitted {node}")
+
+
 def status_table(reply: pb.StatusReply) -> Table:
     title = (
         f"{reply.job or 'no job'} — {reply.job_state} — round {reply.round} — loss {reply.loss:.4f} — "

@@ -8,6 +8,7 @@ that changes something commits it to SQLite before it returns.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,12 +20,13 @@ from typing import Any
 
 import torch
 
+from coordinator.detection import Reputation
 from coordinator.job import JobSpec, JobSpecError, parse_job
 from coordinator.metrics import Metrics
 from coordinator.placement import NodeOffer, Placement, place, stage_memory
 from coordinator.rounds import RoundCloser
 from coordinator.state import Node, State, now_ms
-from coordinator.updates import load_update
+from coordinator.updates import load_update, make_update_id
 from model.stage import initial_stage_weights
 from protocol import panal_pb2 as pb
 from protocol import tls
@@ -191,19 +193,36 @@ class Coordinator:
         self.state.heartbeat(node_id, status)
         self.metrics.heartbeats.inc()
         node = self.state.node(node_id)
-        changed = False
-        with self.lock:
-            if node is not None and node.state == "lost":
+        if node is not None and node.state == "lost":
+            with self.lock:
                 self.state.set_node_state(node_id, "active")
                 self.state.audit("node_back", node_id=node_id)
-            job = self.running_job()
-            if job is not None and node is not None:
-                pool = self.state.one("SELECT * FROM pools WHERE job=? AND pool=?", (job["job"], node.pool))
-                if pool is not None:
-                    changed = int(pool["epoch"]) != req.epoch
-                    if req.state == pb.NODE_STATE_FAILED and req.epoch == int(pool["epoch"]):
-                        self._pool_failed(job, node.pool, f"node {node_id[:8]} reports: {req.detail[:300]}")
+        if req.state == pb.NODE_STATE_FAILED:
+            with self.lock:  # acting on a failure report: read and act under the lock
+                changed = self._assignment_changed(node, req, act_on_failure=True)
+        else:
+            # Read from memory (State.cached), without the lock: a heartbeat does not wait
+            # for a round that is closing.
+            changed = self._assignment_changed(node, req)
         return pb.HeartbeatReply(server_time_ms=now_ms(), assignment_changed=changed, evicted=False)
+
+    def _assignment_changed(
+        self, node: Node | None, req: pb.HeartbeatRequest, *, act_on_failure: bool = False
+    ) -> bool:
+        """Whether the node's pool has moved to a new epoch; with ``act_on_failure``, fail the pool."""
+        job = self.running_job()
+        if job is None or node is None:
+            return False
+        pool = self.state.cached(
+            ("pool", job["job"], node.pool),
+            ("pools",),
+            lambda: self.state.one("SELECT * FROM pools WHERE job=? AND pool=?", (job["job"], node.pool)),
+        )
+        if pool is None:
+            return False
+        if act_on_failure and req.epoch == int(pool["epoch"]):
+            self._pool_failed(job, node.pool, f"node {node.node_id[:8]} reports: {req.detail[:300]}")
+        return int(pool["epoch"]) != req.epoch
 
     # ------------------------------------------------------------ jobs
 
@@ -246,12 +265,16 @@ class Coordinator:
         return signed.body
 
     def running_job(self) -> Any:
-        return self.state.one(
-            "SELECT * FROM jobs WHERE state IN ('waiting','running') ORDER BY created_ms DESC"
+        return self.state.cached(
+            ("running_job",),
+            ("jobs",),
+            lambda: self.state.one(
+                "SELECT * FROM jobs WHERE state IN ('waiting','running') ORDER BY created_ms DESC"
+            ),
         )
 
     def job_spec(self, job: Any) -> JobSpec:
-        return JobSpec.model_validate_json(job["spec"])
+        return _parse_spec(job["spec"])
 
     def _start_job(self, job: Any) -> None:
         """Place the pools and open round 0, once every pool listed has its nodes."""
@@ -426,9 +449,7 @@ class Coordinator:
         req: pb.SubmitUpdateRequest = verified.body  # type: ignore[assignment]
         node_id = verified.sender_id
         job, round = verified.job, verified.round
-        update_id = hashlib.sha256(
-            f"{job}/{round}/{req.pool}/{req.stage}/{node_id}/{req.blob_cid}".encode()
-        ).hexdigest()[:24]
+        update_id = make_update_id(job, round, req, node_id)
         with self.lock:
             slot = self.state.one(
                 "SELECT * FROM placement WHERE job=? AND pool=? AND stage=?", (job, req.pool, req.stage)
@@ -464,14 +485,20 @@ class Coordinator:
         spec = self.job_spec(self.running_job())
         try:
             weights_spec = self.closer.weights_spec(job, round, req.stage)
-            load_update(self.store, req, weights_spec=weights_spec, method=spec.compression)
+            delta = load_update(self.store, req, weights_spec=weights_spec, method=spec.compression)
         except (ProtocolError, ValueError) as e:
             return self._reject(verified, update_id, f"{type(e).__name__}: {e}")
+        self.closer.keep_delta(req.blob_cid, spec.compression, delta)  # the close need not fetch it again
+        # The signed envelope is kept as a blob too: the round result names it, so anyone can
+        # re-verify the inputs of the round later (`panal admin verify-round`).
+        envelope = _envelope_bytes(verified)
+        envelope_cid = str(self.store.put_bytes(envelope, pin=True))
         with self.lock:
             with self.state.tx() as db:
                 db.execute(
-                    "INSERT OR REPLACE INTO updates(update_id, job, round, pool, stage, node_id, envelope, blob_cid, status,"
-                    " reason, received_ms, tokens, loss, norm) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO updates(update_id, job, round, pool, stage, node_id, envelope, envelope_cid,"
+                    " blob_cid, status, reason, received_ms, tokens, loss, norm)"
+                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         update_id,
                         job,
@@ -479,7 +506,8 @@ class Coordinator:
                         req.pool,
                         req.stage,
                         node_id,
-                        _envelope_bytes(verified),
+                        envelope,
+                        envelope_cid,
                         req.blob_cid,
                         "accepted",
                         "",
@@ -563,7 +591,7 @@ class Coordinator:
     def tick(self) -> None:
         """Periodic work: node timeouts, job start, round deadlines. Safe to call at any time."""
         with self.lock:
-            self.state.flush_heartbeats()
+            self.state.flush_heartbeats_if_due()
             job = self.running_job()
             timeout_ms = int(self.settings.heartbeat_timeout_s * 1000)
             for node in self.state.nodes():
@@ -658,6 +686,45 @@ class Coordinator:
         log.warning("pool %s failed: %s", pool, why)
         self.closer.maybe_close(job["job"], int(job["round"]))
 
+    def quarantine(self, node_id: str, reason: str) -> None:
+        """Exclude a node until an admin re-admits it; a standby takes its stage."""
+        node = self.state.node(node_id)
+        if node is None or node.state in ("quarantined", "evicted"):
+            return
+        with self.lock:
+            self.state.set_node_state(node_id, "quarantined")
+            self.state.audit("quarantined", node_id=node_id, reason=reason)
+            self.metrics.quarantined.inc()
+            log.warning("node %s of pool %s quarantined: %s", node_id[:8], node.pool, reason)
+            job = self.running_job()
+            if job is not None and job["state"] == "running":
+                self._replace(job, node, f"quarantined ({reason})")
+
+    def readmit(self, node_id: str, reason: str) -> bool:
+        """Lift a quarantine or an eviction; the node's reputation starts afresh."""
+        node = self._find(node_id)
+        with self.lock:
+            self.state.set_node_state(node.node_id, "active")
+            self.state.heartbeat(node.node_id, node.status)
+            self.state.audit("readmitted", node_id=node.node_id, reason=reason)
+            job = self.running_job()
+            if job is not None:
+                key = f"reputation/{job['job']}"
+                raw = self.state.get_kv(key)
+                if raw:
+                    rep = Reputation.from_dict(json.loads(raw)).release(node.node_id)
+                    self.state.set_kv(key, json.dumps(rep.to_dict()))
+        return True
+
+    def _find(self, node_id: str) -> Node:
+        node = self.state.node(node_id)
+        if node is None:
+            matches = [n for n in self.state.nodes() if n.node_id.startswith(node_id)]
+            if len(matches) != 1:
+                raise MalformedMessage(f"no single node matches {node_id!r}; see `panal admin nodes`")
+            node = matches[0]
+        return node
+
     def evict(self, node_id: str, reason: str) -> bool:
         node = self.state.node(node_id) or next(
             (n for n in self.state.nodes() if n.node_id.startswith(node_id)), None
@@ -671,6 +738,12 @@ class Coordinator:
             if job is not None and job["state"] == "running":
                 self._replace(job, node, f"evicted by the admin ({reason})")
         return True
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_spec(text: str) -> JobSpec:
+    # A stored spec never changes and JobSpec is frozen: parse each one once, not on every call.
+    return JobSpec.model_validate_json(text)
 
 
 def _token_hash(token: str) -> str:

@@ -20,6 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coordinator.aggregation import AggregationConfig
+from coordinator.defence import DefenceConfig
+from coordinator.detection import DetectionPolicy
+from coordinator.outer import OuterOptimizer
 from model.config import GPTConfig, ModelConfigError
 from model.presets import config_from_mapping
 from storage.cid import CID, InvalidCIDError
@@ -30,15 +33,6 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 class JobSpecError(ValueError):
     """A job spec that cannot be accepted; the message lists each field and its fix."""
-
-
-class OuterOptimizer(BaseModel):
-    """The outer step (DiLoCo): Nesterov momentum over the aggregated pseudo-gradient."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    lr: float = Field(0.7, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
 
 
 class JobSpec(BaseModel):
@@ -57,7 +51,12 @@ class JobSpec(BaseModel):
     warmup_frac: float = Field(0.02, ge=0, lt=1)
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     outer: OuterOptimizer = OuterOptimizer()
-    aggregation: AggregationConfig = AggregationConfig(rule="mean")
+    # The poisoning defence (see README "Poisoning defence"): a robust rule, detection of
+    # outliers against its aggregate, and quarantine after repeated rejections.
+    aggregation: AggregationConfig = DefenceConfig().aggregation
+    detection: DetectionPolicy = DefenceConfig().detection
+    quarantine_window: int = Field(3, ge=1)
+    quarantine_threshold: int = Field(2, ge=1)
     compression: Literal["none", "fp16", "int8"] = "none"
     min_pools: int = Field(1, ge=1)
     round_timeout_s: float = Field(600, gt=0)
@@ -95,6 +94,11 @@ class JobSpec(BaseModel):
                 f"min_pools {self.min_pools} is more than the {len(self.pools)} pools listed; "
                 f"lower min_pools or list more pools"
             )
+        if not 1 <= self.quarantine_threshold <= self.quarantine_window:
+            raise ValueError(
+                f"quarantine_threshold {self.quarantine_threshold} must be between 1 and quarantine_window "
+                f"{self.quarantine_window}"
+            )
         config = self.gpt_config()
         if self.stages > config.n_layer:
             raise ValueError(
@@ -107,6 +111,14 @@ class JobSpec(BaseModel):
             return config_from_mapping(self.model)
         except ModelConfigError as e:
             raise ValueError(f"model: {e}") from None
+
+    def defence(self) -> DefenceConfig:
+        return DefenceConfig(
+            aggregation=self.aggregation,
+            detection=self.detection,
+            reputation_window=self.quarantine_window,
+            reputation_threshold=self.quarantine_threshold,
+        )
 
     @property
     def total_inner_steps(self) -> int:

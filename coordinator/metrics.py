@@ -16,6 +16,9 @@ class Metrics:
         self.round_seconds = Histogram(
             "panal_round_close_seconds", "Time to aggregate and publish a round", registry=r
         )
+        self.quarantined = Counter(
+            "panal_nodes_quarantined", "Nodes quarantined after repeated rejections", registry=r
+        )
         self.rpc_errors = Counter(
             "panal_rpc_errors", "Calls refused by the trust layer, by error", ["error"], registry=r
         )

@@ -13,8 +13,16 @@ order: the same inputs give bit-identical weights on any machine.
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.job import OuterOptimizer
+
+class OuterOptimizer(BaseModel):
+    """The outer step (DiLoCo): Nesterov momentum over the aggregated pseudo-gradient."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lr: float = Field(0.7, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
 
 
 def outer_step(

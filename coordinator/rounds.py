@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coordinator import aggregation
+from coordinator.aggregation import AggregationError
+from coordinator.defence import StageDefence, defend_stage
+from coordinator.detection import Reputation
 from coordinator.job import JobSpec
-from coordinator.outer import outer_step
 from coordinator.placement import stage_memory
 from coordinator.state import now_ms
+from coordinator.tensor_cache import TensorCache, Tensors
 from protocol import panal_pb2 as pb
 from protocol.envelope import seal
 from storage import compression, manifest, tensors
@@ -39,34 +40,12 @@ log = logging.getLogger("panal.coordinator")
 WEIGHT_LIMITS = TensorLimits(max_bytes=64 << 30)
 
 
-@dataclass(frozen=True)
-class StageOutcome:
-    weights: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor]
-    used: list[int]  # indices (into the sorted accepted updates) the rule used
-
-
-def aggregate_stage(
-    start: dict[str, torch.Tensor],
-    deltas: list[dict[str, torch.Tensor]],
-    momentum: dict[str, torch.Tensor] | None,
-    spec: JobSpec,
-) -> StageOutcome:
-    """The pure part of a round for one stage: robust aggregate, then the outer step."""
-    flats = [aggregation.flatten(d) for d in deltas]
-    result = aggregation.aggregate(
-        flats, aggregation.AggregationConfig.model_validate(spec.aggregation.model_dump())
-    )
-    delta = aggregation.unflatten(result.vector, start)
-    weights, new_momentum = outer_step(start, delta, momentum, spec.outer)
-    return StageOutcome(weights, new_momentum, list(result.selected))
-
-
 class RoundCloser:
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
         self._specs: dict[str, dict[str, TensorSpec]] = {}
         self._needs: dict[str, list[int]] = {}
+        self.kept = TensorCache()  # deltas checked at submission, weights and momentum this closer wrote
 
     # ------------------------------------------------------------ lookups
 
@@ -95,8 +74,26 @@ class RoundCloser:
             )
         return self._needs[key]
 
-    def _load(self, cid: str) -> dict[str, torch.Tensor]:
+    def _load(self, cid: str) -> Tensors:
+        kept = self.kept.get(cid, "tensors")
+        if kept is not None:
+            return kept
         return tensors.load(self.c.store.get_bytes(cid, max_bytes=WEIGHT_LIMITS.max_bytes), WEIGHT_LIMITS)
+
+    def _put(self, value: dict[str, torch.Tensor]) -> str:
+        """Store new weights or momentum; keep them (and their spec) for the next round."""
+        cid = str(self.c.store.put_bytes(tensors.dump(value), pin=True))
+        self.kept.put(cid, "tensors", value)
+        self._specs[cid] = tensors.spec_of(value)
+        return cid
+
+    def keep_delta(self, cid: str, method: str, delta: Tensors) -> None:
+        """An accepted update's pseudo-gradient, as ``load_update`` checked and decompressed it."""
+        self.kept.put(cid, f"delta/{method}", delta)
+
+    def _delta(self, cid: str, method: str) -> Tensors:
+        kept = self.kept.get(cid, f"delta/{method}")
+        return kept if kept is not None else compression.decompress(self._load(cid), method)
 
     # ------------------------------------------------------------ closing
 
@@ -110,19 +107,20 @@ class RoundCloser:
                 r["pool"]
                 for r in self.c.state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,))
             ]
-            answered = {
-                (r["pool"], int(r["stage"]))
-                for r in self.c.state.query(
-                    "SELECT u.pool, u.stage FROM updates u JOIN placement p ON p.job=u.job AND p.pool=u.pool"
-                    " AND p.stage=u.stage AND p.node_id=u.node_id WHERE u.job=? AND u.round=?",
-                    (job, round),
-                )
-            }
-            expected = {(p, s) for p in active for s in range(spec.stages)}
+            # The (pool, stage) pairs expected that have answered, counted in SQL: this runs
+            # for every update, and a round of many pools and stages has many rows.
+            answered = self.c.state.one(
+                "SELECT COUNT(*) AS n FROM (SELECT DISTINCT u.pool, u.stage FROM updates u"
+                " JOIN placement p ON p.job=u.job AND p.pool=u.pool AND p.stage=u.stage AND p.node_id=u.node_id"
+                " JOIN pools o ON o.job=u.job AND o.pool=u.pool AND o.state='active'"
+                " WHERE u.job=? AND u.round=? AND u.stage < ?)",
+                (job, round, spec.stages),
+            )
+            missing = len(active) * spec.stages - (answered["n"] if answered else 0)
             late = deadline_check and now_ms() > int(row["deadline_ms"])
-            if expected - answered and not late:
+            if missing and not late:
                 return
-            self._close(job, round, spec, row, late=late and bool(expected - answered))
+            self._close(job, round, spec, row, late=late and bool(missing))
 
     def _close(self, job: str, round: int, spec: JobSpec, row: Any, *, late: bool) -> None:
         t0 = now_ms()
@@ -131,38 +129,68 @@ class RoundCloser:
         updates = self.c.state.query(
             "SELECT * FROM updates WHERE job=? AND round=? ORDER BY pool, stage, received_ms", (job, round)
         )
-        accepted = [u for u in updates if u["status"] == "accepted"]
-        by_stage = {s: [u for u in accepted if int(u["stage"]) == s] for s in range(spec.stages)}
-        quorum = all(len({u["pool"] for u in by_stage[s]}) >= spec.min_pools for s in range(spec.stages))
-        new_cids, new_momentum = dict(start_cids), dict(momentum_cids)
-        stage_results = []
+        verified = [u for u in updates if u["status"] == "accepted"]  # passed every check at submission
+        outcomes: dict[int, StageDefence] = {}
+        failures: list[str] = []
+        detected: dict[str, str] = {}  # update_id -> why detection rejected it
         for s in range(spec.stages):
-            used = by_stage[s]
-            if quorum:
-                start = self._load(start_cids[str(s)])
-                deltas = [compression.decompress(self._load(u["blob_cid"]), spec.compression) for u in used]
-                mom = self._load(momentum_cids[str(s)]) if str(s) in momentum_cids else None
-                outcome = aggregate_stage(start, deltas, mom, spec)
-                new_cids[str(s)] = str(self.c.store.put_bytes(tensors.dump(outcome.weights), pin=True))
-                new_momentum[str(s)] = str(self.c.store.put_bytes(tensors.dump(outcome.momentum), pin=True))
-            stage_results.append(
-                pb.StageResult(
-                    stage=s,
-                    weights_cid=new_cids[str(s)],
-                    accepted_update_ids=[u["update_id"] for u in used],
-                    rejected=[
-                        pb.RejectedUpdate(
-                            update_id=u["update_id"],
-                            node_id=u["node_id"],
-                            pool=u["pool"],
-                            stage=s,
-                            reason=u["reason"],
-                        )
-                        for u in updates
-                        if u["status"] == "rejected" and int(u["stage"]) == s
-                    ],
+            inputs = [u for u in verified if int(u["stage"]) == s]
+            if not inputs:
+                failures.append(f"stage {s} has no update")
+                continue
+            start = self._load(start_cids[str(s)])
+            deltas = [self._delta(u["blob_cid"], spec.compression) for u in inputs]
+            mom = self._load(momentum_cids[str(s)]) if str(s) in momentum_cids else None
+            try:
+                out = defend_stage(
+                    start, deltas, mom, spec.defence(), [u["update_id"] for u in inputs], outer=spec.outer
                 )
+            except AggregationError as e:
+                failures.append(f"stage {s}: {e}")
+                continue
+            outcomes[s] = out
+            for v in out.verdicts:
+                if not v.accepted:
+                    detected[v.id] = "rejected by detection: " + "; ".join(v.reasons)
+        accepted = [u for u in verified if u["update_id"] not in detected]
+        for s in range(spec.stages):
+            pools = {u["pool"] for u in accepted if int(u["stage"]) == s}
+            if len(pools) < spec.min_pools:
+                failures.append(
+                    f"stage {s} has accepted updates from {len(pools)} pool(s), fewer than min_pools {spec.min_pools}"
+                )
+        ok = not failures
+        new_cids, new_momentum = dict(start_cids), dict(momentum_cids)
+        if ok:
+            self.kept.clear()  # this round's deltas and start weights are done with
+            for s, out in outcomes.items():
+                new_cids[str(s)] = self._put(out.weights)
+                new_momentum[str(s)] = self._put(out.momentum)
+        reasons = {u["update_id"]: u["reason"] for u in updates if u["status"] == "rejected"} | detected
+        stage_results = [
+            pb.StageResult(
+                stage=s,
+                weights_cid=new_cids[str(s)],
+                accepted_update_ids=[u["update_id"] for u in accepted if int(u["stage"]) == s],
+                rejected=[
+                    pb.RejectedUpdate(
+                        update_id=u["update_id"],
+                        node_id=u["node_id"],
+                        pool=u["pool"],
+                        stage=s,
+                        reason=reasons[u["update_id"]],
+                    )
+                    for u in updates
+                    if u["update_id"] in reasons and int(u["stage"]) == s
+                ],
+                start_weights_cid=start_cids[str(s)],
+                start_momentum_cid=momentum_cids.get(str(s), ""),
+                momentum_cid=new_momentum.get(str(s), ""),
+                input_envelope_cids=[u["envelope_cid"] for u in verified if int(u["stage"]) == s],
+                notes=list(outcomes[s].notes) if s in outcomes else [],
             )
+            for s in range(spec.stages)
+        ]
         losses = [float(u["loss"]) for u in accepted]
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
         tokens = sum(int(u["tokens"] or 0) for u in accepted if int(u["stage"]) == 0)
@@ -179,11 +207,29 @@ class RoundCloser:
         )
         envelope = seal(self.c.identity, result, job=job, round=round)
         result_cid = str(self.c.store.put_bytes(envelope.SerializeToString(), pin=True))
-        outcome = "closed" if quorum else "failed"
-        detail = ("" if quorum else f"no quorum of {spec.min_pools} pool(s) per stage; weights unchanged") + (
-            "; deadline passed" if late else ""
+        outcome = "closed" if ok else "failed"
+        detail = (
+            "; ".join(failures)
+            + ("; weights unchanged" if failures else "")
+            + ("; deadline passed" if late else "")
         )
+        quarantine = self._reputation(job, round, verified, detected)
         with self.c.state.tx() as db:
+            for update_id, why in detected.items():
+                db.execute(
+                    "UPDATE updates SET status='rejected', reason=? WHERE update_id=?", (why, update_id)
+                )
+                u = next(x for x in verified if x["update_id"] == update_id)
+                self.c.state.audit(
+                    "update_rejected",
+                    node_id=u["node_id"],
+                    job=job,
+                    round=round,
+                    db=db,
+                    pool=u["pool"],
+                    stage=u["stage"],
+                    reason=why,
+                )
             db.execute(
                 "UPDATE rounds SET state='closed', closed_ms=?, result_cid=?, checkpoint_cid=?, mean_loss=?, tokens=?,"
                 " detail=? WHERE job=? AND round=?",
@@ -193,7 +239,7 @@ class RoundCloser:
                     checkpoint,
                     mean_loss,
                     tokens,
-                    f"{outcome}{': ' + detail.strip('; ') if detail else ''}",
+                    f"{outcome}: {detail}".rstrip(": "),
                     job,
                     round,
                 ),
@@ -218,6 +264,8 @@ class RoundCloser:
                     "UPDATE jobs SET state='finished', detail=? WHERE job=?",
                     (f"finished after {spec.rounds} rounds", job),
                 )
+        for _ in detected:
+            self.c.metrics.updates.labels(status="rejected_by_detection").inc()
         self.c.metrics.round_seconds.observe((now_ms() - t0) / 1000)
         log.info(
             "round %s of %s %s: %d accepted, %d rejected, mean loss %.4f, result %s",
@@ -229,8 +277,30 @@ class RoundCloser:
             mean_loss,
             result_cid,
         )
+        for node_id in quarantine:
+            self.c.quarantine(node_id, f"rejected repeatedly (last in round {round})")
         if self.c.on_round_closed:
             self.c.on_round_closed(job, round)
+
+    def _reputation(self, job: str, round: int, verified: list[Any], detected: dict[str, str]) -> list[str]:
+        """Record this round's verdicts per node; return the nodes now due for quarantine."""
+        spec = self.c.job_spec(self.c.state.one("SELECT * FROM jobs WHERE job=?", (job,)))
+        key = f"reputation/{job}"
+        raw = self.c.state.get_kv(key)
+        rep = (
+            Reputation.from_dict(json.loads(raw))
+            if raw
+            else Reputation(spec.quarantine_window, spec.quarantine_threshold)
+        )
+        rejected_at_submit = self.c.state.query(
+            "SELECT DISTINCT node_id FROM updates WHERE job=? AND round=? AND status='rejected'", (job, round)
+        )
+        verdicts = {u["node_id"]: u["update_id"] in detected for u in verified}
+        for r in rejected_at_submit:
+            verdicts[r["node_id"]] = True
+        rep = rep.record_round(round, verdicts)
+        self.c.state.set_kv(key, json.dumps(rep.to_dict()))
+        return sorted(n for n in verdicts if rep.should_quarantine(n))
 
     def _checkpoint(
         self, job: str, round: int, spec: JobSpec, weights: dict[str, str], momentum: dict[str, str]

@@ -109,3 +109,8 @@ class AdminService(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
     def EvictNode(self, verified: Verified, context: grpc.ServicerContext) -> pb.EvictNodeReply:
         body: pb.EvictNodeRequest = verified.body  # type: ignore[assignment]
         return pb.EvictNodeReply(evicted=self.c.evict(body.node_id, body.reason or "no reason given"))
+
+    @mapped
+    def ReadmitNode(self, verified: Verified, context: grpc.ServicerContext) -> pb.ReadmitNodeReply:
+        body: pb.ReadmitNodeRequest = verified.body  # type: ignore[assignment]
+        return pb.ReadmitNodeReply(readmitted=self.c.readmit(body.node_id, body.reason or "no reason given"))

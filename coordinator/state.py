@@ -8,6 +8,11 @@ call that caused it is answered: nothing acknowledged is lost.
 Heartbeat times are the exception: they change every second per node, so they
 live in memory and are written back at most every few seconds (a restarted
 coordinator gives every node a fresh grace period instead).
+
+What every call reads (the sender's node, the running job, its pools) is served
+from memory: :meth:`State.cached` keeps a query's result until a table it read
+is written. SQLite itself reports each write (temporary triggers call back into
+Python), so no writer, here or in another module, can leave a cached row stale.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes(
@@ -44,7 +49,7 @@ CREATE TABLE IF NOT EXISTS rounds(
   mean_loss REAL, tokens INTEGER, detail TEXT, PRIMARY KEY(job, round));
 CREATE TABLE IF NOT EXISTS updates(
   update_id TEXT PRIMARY KEY, job TEXT, round INTEGER, pool TEXT, stage INTEGER, node_id TEXT,
-  envelope BLOB, blob_cid TEXT, status TEXT NOT NULL, reason TEXT, received_ms INTEGER,
+  envelope BLOB, envelope_cid TEXT, blob_cid TEXT, status TEXT NOT NULL, reason TEXT, received_ms INTEGER,
   tokens INTEGER, loss REAL, norm REAL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(job, round, stage, status);
 CREATE TABLE IF NOT EXISTS audit(
@@ -54,6 +59,19 @@ CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value TEXT);
 """
 
 HEARTBEAT_FLUSH_S = 5.0
+
+# The tables State.cached may read, and the writes that invalidate what it read.
+# A node's heartbeat columns are left out: flush_heartbeats copies them from
+# memory, which always wins over the database copy (see State._node).
+WATCHED = {
+    "nodes": "UPDATE OF node_id, public_key, name, pool, state, capabilities, data_address, enrolled_ms",
+    "jobs": "UPDATE",
+    "pools": "UPDATE",
+    "placement": "UPDATE",
+    "rounds": "UPDATE",
+}
+
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -89,6 +107,15 @@ class State:
         self.lock = threading.RLock()
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
         self._flushed = time.monotonic()
+        self._versions = dict.fromkeys(WATCHED, 0)  # writes seen per table
+        self._cache: dict[Hashable, tuple[tuple[int, ...], Any]] = {}
+        self._db.create_function("panal_changed", 1, self._changed)
+        for table, update in WATCHED.items():
+            for event in ("INSERT", update, "DELETE"):
+                self._db.execute(
+                    f"CREATE TEMP TRIGGER panal_{table}_{event.split()[0].lower()} AFTER {event} ON {table}"
+                    f" BEGIN SELECT panal_changed('{table}'); END"
+                )
 
     def close(self) -> None:
         with self.lock:
@@ -104,6 +131,8 @@ class State:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
+                for table in self._versions:  # a cached read inside the transaction may be undone
+                    self._changed(table)
                 raise
             self._db.execute("COMMIT")
 
@@ -114,6 +143,27 @@ class State:
     def one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
         rows = self.query(sql, args)
         return rows[0] if rows else None
+
+    # ---------------------------------------------------------------- cache
+
+    def cached(self, key: Hashable, tables: tuple[str, ...], load: Callable[[], T]) -> T:
+        """``load()``, remembered until one of ``tables`` (all that ``load`` reads) is written.
+
+        A hit takes no lock. A write bumps its table's count inside the writer's
+        transaction, under the state lock: a reader either sees the old count and
+        the value from before the write, or misses and waits for the commit.
+        """
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == tuple(self._versions[t] for t in tables):
+            return hit[1]  # type: ignore[no-any-return]
+        with self.lock:
+            stamp = tuple(self._versions[t] for t in tables)
+            value = load()
+            self._cache[key] = (stamp, value)
+        return value
+
+    def _changed(self, table: str) -> None:
+        self._versions[table] += 1
 
     # ---------------------------------------------------------------- kv
 
@@ -148,15 +198,18 @@ class State:
     # ---------------------------------------------------------------- nodes
 
     def node(self, node_id: str) -> Node | None:
-        row = self.one("SELECT * FROM nodes WHERE node_id=?", (node_id,))
+        row = self.cached(
+            ("node", node_id), ("nodes",), lambda: self.one("SELECT * FROM nodes WHERE node_id=?", (node_id,))
+        )
         return self._node(row) if row else None
 
     def nodes(self, *, pool: str | None = None) -> list[Node]:
-        if pool is None:
-            rows = self.query("SELECT * FROM nodes ORDER BY pool, node_id")
-        else:
-            rows = self.query("SELECT * FROM nodes WHERE pool=? ORDER BY node_id", (pool,))
-        return [self._node(r) for r in rows]
+        def load() -> list[sqlite3.Row]:
+            if pool is None:
+                return self.query("SELECT * FROM nodes ORDER BY pool, node_id")
+            return self.query("SELECT * FROM nodes WHERE pool=? ORDER BY node_id", (pool,))
+
+        return [self._node(r) for r in self.cached(("nodes", pool), ("nodes",), load)]
 
     def _node(self, row: sqlite3.Row) -> Node:
         beat, status = self._heartbeats.get(row["node_id"], (row["last_heartbeat_ms"] or 0, None))
@@ -175,14 +228,18 @@ class State:
 
     def heartbeat(self, node_id: str, status: dict[str, Any]) -> None:
         """Record a heartbeat in memory; written to disk every few seconds."""
-        with self.lock:
-            self._heartbeats[node_id] = (now_ms(), status)
-            if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:
-                self.flush_heartbeats()
+        self._heartbeats[node_id] = (now_ms(), status)  # one dict store: atomic, no lock needed
+        self.flush_heartbeats_if_due()
+
+    def flush_heartbeats_if_due(self) -> None:
+        if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:
+            with self.lock:
+                if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:  # not just done by another thread
+                    self.flush_heartbeats()
 
     def flush_heartbeats(self) -> None:
         with self.lock:
-            rows = [(ts, json.dumps(st), nid) for nid, (ts, st) in self._heartbeats.items()]
+            rows = [(ts, json.dumps(st), nid) for nid, (ts, st) in list(self._heartbeats.items())]
             if rows:
                 with self.tx() as db:
                     db.executemany("UPDATE nodes SET last_heartbeat_ms=?, status=? WHERE node_id=?", rows)

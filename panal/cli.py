@@ -7,10 +7,14 @@ import sys
 import typer
 from rich.console import Console
 
+from coordinator.cli import admin_app, coordinator_app
+from corpus.cli import app as corpus_app
 from model.cli import plan_command
 from model.config import ModelConfigError
-from model.train_cli import train_command
+from node.cli import node_app
 from panal import __version__
+from panal.simulate_cli import simulate_command
+from panal.train_cli import train_command
 from protocol.cli import app as keys_app
 from protocol.errors import ProtocolError
 from storage.cli import app as store_app
@@ -24,7 +28,12 @@ app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(store_app, name="store")
+app.add_typer(corpus_app, name="corpus")
 app.command("plan")(plan_command)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(admin_app, name="admin")
+app.add_typer(node_app, name="node")
+app.command("simulate")(simulate_command)
 app.command("train")(train_command)
 
 _err = Console(stderr=True)
@@ -50,7 +59,7 @@ def main() -> None:
     status 1, not a traceback."""
     try:
         app()
-    except (ProtocolError, ModelConfigError) as e:
+    except (ProtocolError, ModelConfigError, FileNotFoundError, FileExistsError) as e:
         _err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(1)
 

@@ -55,6 +55,7 @@ _SPECS = (
     MethodSpec("AdminService", "GetJob", pb.GetJobRequest, 4 * KiB),
     MethodSpec("AdminService", "ListRounds", pb.ListRoundsRequest, 4 * KiB),
     MethodSpec("AdminService", "EvictNode", pb.EvictNodeRequest, 4 * KiB),
+    MethodSpec("AdminService", "ReadmitNode", pb.ReadmitNodeRequest, 4 * KiB),
 )
 
 METHODS: dict[str, MethodSpec] = {spec.path: spec for spec in _SPECS}

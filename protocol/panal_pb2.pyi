@@ -250,16 +250,26 @@ class GetRoundResultRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageResult(_message.Message):
-    __slots__ = ("stage", "weights_cid", "accepted_update_ids", "rejected")
+    __slots__ = ("stage", "weights_cid", "accepted_update_ids", "rejected", "start_weights_cid", "start_momentum_cid", "momentum_cid", "input_envelope_cids", "notes")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_UPDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    START_WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    START_MOMENTUM_CID_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_CID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ENVELOPE_CIDS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     stage: int
     weights_cid: str
     accepted_update_ids: _containers.RepeatedScalarFieldContainer[str]
     rejected: _containers.RepeatedCompositeFieldContainer[RejectedUpdate]
-    def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ...) -> None: ...
+    start_weights_cid: str
+    start_momentum_cid: str
+    momentum_cid: str
+    input_envelope_cids: _containers.RepeatedScalarFieldContainer[str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ..., start_weights_cid: _Optional[str] = ..., start_momentum_cid: _Optional[str] = ..., momentum_cid: _Optional[str] = ..., input_envelope_cids: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RejectedUpdate(_message.Message):
     __slots__ = ("update_id", "node_id", "pool", "stage", "reason")
@@ -517,3 +527,17 @@ class EvictNodeReply(_message.Message):
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     evicted: bool
     def __init__(self, evicted: _Optional[bool] = ...) -> None: ...
+
+class ReadmitNodeRequest(_message.Message):
+    __slots__ = ("node_id", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReadmitNodeReply(_message.Message):
+    __slots__ = ("readmitted",)
+    READMITTED_FIELD_NUMBER: _ClassVar[int]
+    readmitted: bool
+    def __init__(self, readmitted: _Optional[bool] = ...) -> None: ...

@@ -326,6 +326,11 @@ class AdminServiceStub:
                 request_serializer=protocol_dot_panal__pb2.Envelope.SerializeToString,
                 response_deserializer=protocol_dot_panal__pb2.EvictNodeReply.FromString,
                 _registered_method=True)
+        self.ReadmitNode = channel.unary_unary(
+                '/panal.v1.AdminService/ReadmitNode',
+                request_serializer=protocol_dot_panal__pb2.Envelope.SerializeToString,
+                response_deserializer=protocol_dot_panal__pb2.ReadmitNodeReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -375,6 +380,12 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadmitNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -412,6 +423,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.EvictNode,
                     request_deserializer=protocol_dot_panal__pb2.Envelope.FromString,
                     response_serializer=protocol_dot_panal__pb2.EvictNodeReply.SerializeToString,
+            ),
+            'ReadmitNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitNode,
+                    request_deserializer=protocol_dot_panal__pb2.Envelope.FromString,
+                    response_serializer=protocol_dot_panal__pb2.ReadmitNodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +621,33 @@ class AdminService:
             '/panal.v1.AdminService/EvictNode',
             protocol_dot_panal__pb2.Envelope.SerializeToString,
             protocol_dot_panal__pb2.EvictNodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/panal.v1.AdminService/ReadmitNode',
+            protocol_dot_panal__pb2.Envelope.SerializeToString,
+            protocol_dot_panal__pb2.ReadmitNodeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,8 @@ def spec(**over):
 
 def test_a_good_spec_parses_with_defaults():
     job = parse_job(spec())
-    assert job.rounds == 5 and job.outer.lr == 0.7 and job.aggregation.rule == "mean"
+    assert job.rounds == 5 and job.outer.lr == 0.7 and job.aggregation.rule == "trimmed_mean"
+    assert job.detection.min_cosine > 0 and job.quarantine_threshold == 2
     assert job.gpt_config().n_layer == 4
 
 

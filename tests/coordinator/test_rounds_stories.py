@@ -293,3 +293,102 @@ def test_story_the_coordinator_restarts_mid_round_and_loses_nothing(world):
             _, r = make_update(world, node, b)
             assert submit(node, b, r).status == pb.UPDATE_STATUS_ACCEPTED
     assert admin(world, "ListRounds", pb.ListRoundsRequest()).rounds[0].round == 1
+
+
+def test_story_a_pool_whose_world_cannot_form_is_reported_and_the_round_goes_on(world):
+    """pool-a's node reports that its DeepSpeed world failed: the pool is marked failed with the
+    reason, the round closes on pool-b's updates, and pool-a re-forms for the next round."""
+    nodes = running_job(world)
+    a_node = nodes["pool-a"][0]
+    epoch = assignment(a_node).epoch
+    a_node.call("Heartbeat", pb.HeartbeatRequest(
+        state=pb.NODE_STATE_FAILED, epoch=epoch, detail="the DeepSpeed world of pool pool-a could not form: timeout"))
+    status = admin(world, "Status", pb.StatusRequest())
+    pool_a = next(p for p in status.pools if p.pool == "pool-a")
+    assert pool_a.state == "failed" and "could not form" in pool_a.detail
+    for n in nodes["pool-b"]:
+        a = assignment(n)
+        _, req = make_update(world, n, a)
+        assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED
+    got = nodes["pool-b"][0].call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=0)
+    assert got.ready and list(open_envelope(got.result, pb.RoundResult, replay=None).body.pools) == ["pool-b"]
+    again = assignment(a_node)
+    assert again.round == 1 and again.epoch == epoch + 1  # a fresh world for the next round
+
+
+def test_story_a_poisoning_pool_is_rejected_then_quarantined_then_readmitted(world):
+    """Pool c flips the sign of its pseudo-gradient every round. Detection rejects it with the
+    reason, the round closes on the honest pools, and after two rejections the node is
+    quarantined (its calls refused) until the admin re-admits it."""
+    pools = ["pool-a", "pool-b", "pool-c"]
+    nodes = {p: enroll(world, p) for p in pools}
+    admin(world, "SubmitJob", pb.SubmitJobRequest(spec_yaml=job_yaml(world, pools=pools, stages=1, rounds=4)))
+    for n in nodes.values():
+        n.call("Heartbeat", pb.HeartbeatRequest())
+    wait_for(lambda: admin(world, "Status", pb.StatusRequest()).job_state == "running", what="job start")
+    direction = None
+    for rnd in range(2):
+        for i, (pool, n) in enumerate(sorted(nodes.items())):
+            a = assignment(n)
+            assert a.round == rnd
+
+            def honest_or_flipped(delta, pool=pool, i=i):
+                nonlocal direction
+                g = torch.Generator().manual_seed(100 * rnd + i)
+                if direction is None:
+                    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in delta.items()}
+                for k in delta:
+                    delta[k] = 0.01 * (direction[k] + 0.3 * torch.randn(delta[k].shape, generator=g))
+                    if pool == "pool-c":
+                        delta[k] = -delta[k]
+
+            _, req = make_update(world, n, a, tamper=honest_or_flipped)
+            assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED  # passes every check at submission
+        got = nodes["pool-a"].call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=rnd)
+        result = open_envelope(got.result, pb.RoundResult, replay=None).body
+        assert result.pools == ["pool-a", "pool-b"]
+        (rejected,) = result.stages[0].rejected
+        assert rejected.pool == "pool-c" and "rejected by detection" in rejected.reason and "cosine" in rejected.reason
+    c = nodes["pool-c"]
+    with pytest.raises(grpc.RpcError) as info:
+        c.call("Heartbeat", pb.HeartbeatRequest())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "quarantined" in info.value.details()
+    listed = {n.node_id: n.state for n in admin(world, "ListNodes", pb.ListNodesRequest()).nodes}
+    assert listed[c.identity.fingerprint] == "quarantined"
+    admin(world, "ReadmitNode", pb.ReadmitNodeRequest(node_id=c.identity.fingerprint[:10], reason="fixed"))
+    assert c.call("Heartbeat", pb.HeartbeatRequest()).server_time_ms > 0
+
+
+def test_anyone_can_recompute_a_round_from_the_store(world):
+    """`panal admin verify-round`: the signed result, the start weights, the signed inputs and
+    the bit-identical recomputation all check out — and a result the coordinator did not sign,
+    or one whose weights were swapped, does not."""
+    from coordinator.job import JobSpec
+    from coordinator.verify_round import verify_round
+
+    nodes = running_job(world)
+    for rnd in range(2):
+        for ns in nodes.values():
+            for n in ns:
+                a = assignment(n)
+                _, req = make_update(world, n, a, seed=rnd * 10 + a.stage)
+                submit(n, a, req)
+    rows = {r.round: r.result_cid for r in admin(world, "ListRounds", pb.ListRoundsRequest()).rounds}
+    spec = JobSpec.model_validate_json(admin(world, "GetJob", pb.GetJobRequest()).spec_yaml)
+    key = Identity.load(world["home"] / "coordinator.key").public_key
+    for rnd in range(2):
+        checks = verify_round(world["store"], spec, rows[rnd], round=rnd, coordinator_key=key,
+                              previous_cid=rows.get(rnd - 1))
+        assert all(c.ok for c in checks), checks
+        assert len(checks) == 1 + 3 * STAGES
+    # A result signed by someone else is refused.
+    forged = Identity.generate()
+    body = open_envelope(pb.Envelope.FromString(world["store"].get_bytes(rows[1])), pb.RoundResult, replay=None).body
+    forged_cid = str(world["store"].put_bytes(seal(forged, body, job="j1", round=1).SerializeToString()))
+    assert not verify_round(world["store"], spec, forged_cid, round=1, coordinator_key=key)[0].ok
+    # A result (properly signed) whose stage weights were swapped fails the recomputation.
+    coordinator = Identity.load(world["home"] / "coordinator.key")
+    body.stages[0].weights_cid = body.stages[1].weights_cid
+    swapped = str(world["store"].put_bytes(seal(coordinator, body, job="j1", round=1).SerializeToString()))
+    bad = [c for c in verify_round(world["store"], spec, swapped, round=1, coordinator_key=key, previous_cid=rows[0]) if not c.ok]
+    assert [c.what for c in bad] == ["stage 0 outcome"]

@@ -1,4 +1,4 @@
-"""`panal train`: the command; the work is in model/train.py."""
+"""`panal train`: the command; the work is in panal/train.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from model.engine import TrainConfig, default_precision
 from model.presets import resolve_config
-from model.train import RunSpec, launch
+from panal.train import RunSpec, launch
 
 console = Console()
 

@@ -1,7 +1,7 @@
 """`panal train`: one pool on one machine — a local process per pipeline stage (× data parallel).
 
 The launcher (:func:`launch`) writes the run's spec, starts one OS process per
-rank (``python -m model.train RUN_DIR RANK``), waits, and stops them all if one
+rank (``python -m panal.train RUN_DIR RANK``), waits, and stops them all if one
 fails. Rank 0 reports: loss, learning rate, tokens/s and MFU to the console
 and to TensorBoard (RUN_DIR/tb), held-out loss at intervals, and the
 checkpoints it writes to the store. The run's summary lands in
@@ -97,7 +97,7 @@ def launch(spec: RunSpec, run_dir: Path, *, threads_per_rank: int = 1) -> dict[s
             env_r = {**env, "PANAL_LOCAL_RANK": str(rank if _has_cuda() else 0)}
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "model.train", str(run_dir), str(rank)],
+                    [sys.executable, "-m", "panal.train", str(run_dir), str(rank)],
                     stdout=out,
                     stderr=log if rank else None,
                     env=env_r,
@@ -189,12 +189,16 @@ def _source(spec: RunSpec, config: Any, micro_batch: int, seed: int) -> Any:
             seed=seed,
         )
     if spec.dataset:
-        from corpus.reader import dataset_source
-
+        from corpus.training import dataset_source
         from storage.stores import open_store
 
         return dataset_source(
-            open_store(spec.store), spec.dataset, config=config, micro_batch=micro_batch, seed=seed
+            open_store(spec.store),
+            spec.dataset,
+            config=config,
+            micro_batch=micro_batch,
+            seed=seed,
+            grad_accum=spec.train["grad_accum"],
         )
     raise DataError("give training data: --tokens FILE or --dataset CID")
 

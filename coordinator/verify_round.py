@@ -1,0 +1,151 @@
+"""Re-verify a round from the store: anyone holding the CIDs and public keys can check the coordinator.
+
+Given the signed round result, the job spec and the coordinator's public key:
+
+1. the result's signature is the coordinator's, for this job and round;
+2. each stage's start weights are what they must be — the seed's initial weights in
+   round 0, else the previous round's result;
+3. every input update is an envelope signed by its node, for this job and round,
+   naming a blob whose SHA-256 and CID match;
+4. recomputing the stage — the job's robust rule, detection, outer step — from those
+   inputs gives bit-identical weights and momentum (their CIDs match the result's),
+   and the same updates rejected by detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.aggregation import AggregationError
+from coordinator.defence import defend_stage
+from coordinator.job import JobSpec
+from coordinator.updates import make_update_id
+from model.stage import initial_stage_weights
+from protocol import panal_pb2 as pb
+from protocol.envelope import check_integrity, open_envelope
+from protocol.errors import ProtocolError
+from protocol.hashing import sha256
+from protocol.identity import fingerprint
+from storage import compression, tensors
+from storage.blobstore import BlobStore
+from storage.cid import cid_of_bytes
+
+MAX_BLOB = 64 << 30
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+
+
+def load_result(
+    store: BlobStore, result_cid: str, coordinator_key: bytes, job: str, round: int
+) -> pb.RoundResult:
+    env = pb.Envelope.FromString(store.get_bytes(result_cid, max_bytes=16 << 20))
+    if bytes(env.sender) != coordinator_key:
+        raise ProtocolError(
+            f"round result {result_cid} is signed by {fingerprint(bytes(env.sender))}, not the coordinator"
+        )
+    body = open_envelope(env, pb.RoundResult, replay=None, job=job, round=round).body
+    return body  # type: ignore[return-value]
+
+
+def verify_round(
+    store: BlobStore,
+    spec: JobSpec,
+    result_cid: str,
+    *,
+    round: int,
+    coordinator_key: bytes,
+    previous_cid: str | None = None,
+) -> list[Check]:
+    """Every check of the module docstring, one :class:`Check` each (all are run)."""
+    checks: list[Check] = []
+    try:
+        result = load_result(store, result_cid, coordinator_key, spec.name, round)
+    except (ProtocolError, ValueError) as e:
+        return [Check("round result signature", False, f"{type(e).__name__}: {e}")]
+    checks.append(
+        Check("round result signature", True, f"signed by the coordinator {fingerprint(coordinator_key)}")
+    )
+    previous = (
+        load_result(store, previous_cid, coordinator_key, spec.name, round - 1) if previous_cid else None
+    )
+    config = spec.gpt_config()
+    for stage in result.stages:
+        s = stage.stage
+        # 2. the start of the round
+        if round == 0:
+            expected = str(
+                cid_of_bytes(tensors.dump(initial_stage_weights(config, spec.stages, s, seed=spec.seed)))
+            )
+            source = "the seed's initial weights"
+        else:
+            expected = (
+                next(p.weights_cid for p in previous.stages if p.stage == s)
+                if previous
+                else stage.start_weights_cid
+            )
+            source = "the previous round's result" if previous else "(previous round not given)"
+        checks.append(
+            Check(
+                f"stage {s} start weights",
+                stage.start_weights_cid == expected,
+                f"{stage.start_weights_cid} is {source}",
+            )
+        )
+        # 3. the inputs
+        try:
+            deltas, ids = [], []
+            for cid in stage.input_envelope_cids:
+                env = pb.Envelope.FromString(store.get_bytes(cid, max_bytes=64 << 10))
+                check_integrity(env)
+                req: pb.SubmitUpdateRequest = open_envelope(
+                    env, pb.SubmitUpdateRequest, replay=None, job=spec.name, round=round
+                ).body  # type: ignore[assignment]
+                data = store.get_bytes(req.blob_cid, max_bytes=MAX_BLOB)
+                if sha256(data) != req.blob_sha256:
+                    raise ProtocolError(f"blob {req.blob_cid} does not match the SHA-256 its node signed")
+                deltas.append(compression.decompress(tensors.load(data), spec.compression))
+                ids.append(make_update_id(spec.name, round, req, fingerprint(bytes(env.sender))))
+            checks.append(Check(f"stage {s} inputs", True, f"{len(ids)} signed updates, blobs verified"))
+        except (ProtocolError, ValueError) as e:
+            checks.append(Check(f"stage {s} inputs", False, f"{type(e).__name__}: {e}"))
+            continue
+        # 4. the recomputation
+        if stage.weights_cid == stage.start_weights_cid:
+            checks.append(Check(f"stage {s} outcome", True, "the round failed: weights unchanged"))
+            continue
+        start = tensors.load(store.get_bytes(stage.start_weights_cid, max_bytes=MAX_BLOB))
+        momentum = (
+            tensors.load(store.get_bytes(stage.start_momentum_cid, max_bytes=MAX_BLOB))
+            if stage.start_momentum_cid
+            else None
+        )
+        try:
+            out = defend_stage(start, deltas, momentum, spec.defence(), ids, outer=spec.outer)
+        except AggregationError as e:
+            checks.append(Check(f"stage {s} outcome", False, f"recomputation failed: {e}"))
+            continue
+        weights_cid = str(cid_of_bytes(tensors.dump(out.weights)))
+        momentum_cid = str(cid_of_bytes(tensors.dump(out.momentum)))
+        rejected = {v.id for v in out.verdicts if not v.accepted}
+        published = {r.update_id for r in stage.rejected if r.reason.startswith("rejected by detection")}
+        same = (
+            weights_cid == stage.weights_cid and momentum_cid == stage.momentum_cid and rejected == published
+        )
+        checks.append(
+            Check(
+                f"stage {s} outcome",
+                same,
+                f"recomputed weights {weights_cid}, momentum {momentum_cid}, {len(rejected)} rejected by detection"
+                + (
+                    ""
+                    if same
+                    else f"; the result says {stage.weights_cid}, {stage.momentum_cid}, {len(published)}"
+                ),
+            )
+        )
+    return checks

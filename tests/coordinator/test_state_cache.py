@@ -1,0 +1,92 @@
+"""What the coordinator serves from memory is never staler than the database.
+
+State.cached keeps the rows every call reads (the sender's node, the running
+job, its pools); SQLite reports each write through temporary triggers. These
+stories write the tables every way a module might — State's own methods, raw
+SQL in a transaction, a transaction that rolls back — and read back through
+the cache. TensorCache keeps checked tensors for a round's close within a byte
+budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.state import State
+from coordinator.tensor_cache import TensorCache
+
+
+def make_state(tmp_path):
+    state = State(tmp_path / "state.db")
+    with state.tx() as db:
+        db.execute(
+            "INSERT INTO nodes(node_id, public_key, name, pool, state, last_heartbeat_ms, status)"
+            " VALUES('n1', x'00', 'one', 'pool-a', 'active', 0, '{}')"
+        )
+    return state
+
+
+def test_a_cached_node_follows_every_kind_of_write(tmp_path):
+    state = make_state(tmp_path)
+    assert state.node("n1").state == "active"  # now cached
+    state.set_node_state("n1", "lost")
+    assert state.node("n1").state == "lost"
+    with state.tx() as db:  # raw SQL, as another module might write it
+        db.execute("UPDATE nodes SET pool='pool-b', state='quarantined' WHERE node_id='n1'")
+    node = state.node("n1")
+    assert (node.pool, node.state) == ("pool-b", "quarantined")
+    assert [n.node_id for n in state.nodes(pool="pool-b")] == ["n1"]
+    with state.tx() as db:
+        db.execute("DELETE FROM nodes WHERE node_id='n1'")
+    assert state.node("n1") is None and state.nodes() == []
+    state.close()
+
+
+def test_a_read_inside_a_transaction_that_rolls_back_is_not_kept(tmp_path):
+    state = make_state(tmp_path)
+    try:
+        with state.tx() as db:
+            db.execute("UPDATE nodes SET state='evicted' WHERE node_id='n1'")
+            assert state.node("n1").state == "evicted"  # the transaction sees its own write
+            raise RuntimeError("the caller fails after the write")
+    except RuntimeError:
+        pass
+    assert state.node("n1").state == "active"
+    state.close()
+
+
+def test_heartbeats_live_in_memory_and_reach_the_cached_node(tmp_path):
+    state = make_state(tmp_path)
+    state.node("n1")
+    state.heartbeat("n1", {"step": 7})
+    node = state.node("n1")
+    assert node.status == {"step": 7} and node.last_heartbeat_ms > 0
+    state.flush_heartbeats()
+    assert state.one("SELECT status FROM nodes WHERE node_id='n1'")["status"] == '{"step": 7}'
+    state.close()
+
+
+def test_cached_queries_of_other_tables_follow_their_writes(tmp_path):
+    state = make_state(tmp_path)
+    read = lambda: state.cached(  # noqa: E731
+        ("job",), ("jobs",), lambda: state.one("SELECT round FROM jobs WHERE job='j'")
+    )
+    assert read() is None
+    with state.tx() as db:
+        db.execute("INSERT INTO jobs(job, spec, state, round) VALUES('j', '{}', 'running', 0)")
+    assert read()["round"] == 0
+    with state.tx() as db:
+        db.execute("UPDATE jobs SET round=1 WHERE job='j'")
+    assert read()["round"] == 1
+    state.close()
+
+
+def test_the_tensor_cache_keeps_the_newest_entries_within_its_budget():
+    cache = TensorCache(max_bytes=3 * 400)
+    for i in range(4):
+        cache.put(f"cid{i}", "tensors", {"w": torch.zeros(100)})  # 400 bytes each
+    assert cache.get("cid0", "tensors") is None  # the oldest went first
+    assert all(cache.get(f"cid{i}", "tensors") is not None for i in (1, 2, 3))
+    assert cache.get("cid3", "delta/none") is None  # the kind is part of the key
+    cache.put("big", "tensors", {"w": torch.zeros(1000)})  # over the whole budget: not kept
+    assert cache.get("big", "tensors") is None and cache.get("cid3", "tensors") is not None
