@@ -57,10 +57,13 @@ def run_cell(job: tuple[str, str, int, dict]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from coordinator.defence import SimConfig, defence_for, simulate
+    from coordinator.defence import TUNED_DETECTION, SimConfig, defence_for, simulate
+    from coordinator.detection import DetectionPolicy
     from node.policy import make_policy
 
     rule, attack, k, sim_args = job
+    sim_args = dict(sim_args)
+    detection = DetectionPolicy() if sim_args.pop("detection") == "default" else TUNED_DETECTION
     sim = SimConfig(**sim_args)
     pools = sim.pools
 
@@ -70,8 +73,10 @@ def run_cell(job: tuple[str, str, int, dict]) -> dict:
 
     policies = {p: policy(attack, p) for p in range(pools - k, pools)}
     probe = policy("backdoor", 0)  # its trigger and target: measured in every run, clean ones too
-    t0 = time.perf_counter()
-    res = simulate(sim, defence_for(rule, pools), policies, backdoor=(probe.trigger, probe.target))
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = simulate(
+        sim, defence_for(rule, pools, detection=detection), policies, backdoor=(probe.trigger, probe.target)
+    )
     return {
         "rule": rule,
         "attack": attack if k else "none",
@@ -89,6 +94,7 @@ def run_cell(job: tuple[str, str, int, dict]) -> dict:
         "t_over_mean": res.defend_s / res.mean_s,
         "backdoor_asr": res.backdoor_asr,
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
     }
 
 
@@ -122,6 +128,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--inner-steps", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--detection",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="coordinator.defence.TUNED_DETECTION (default) or DetectionPolicy()'s own defaults",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--csv", default=str(Path(__file__).with_suffix(".csv")))
     args = ap.parse_args()
@@ -141,14 +153,20 @@ def main() -> None:
         )
     if "mean" not in rules:
         rules = ["mean", *rules]  # the clean mean run is every cell's second baseline
-    sim = {"pools": args.pools, "rounds": rounds, "inner_steps": args.inner_steps, "seed": args.seed}
+    sim = {
+        "pools": args.pools,
+        "rounds": rounds,
+        "inner_steps": args.inner_steps,
+        "seed": args.seed,
+        "detection": args.detection,
+    }
     ks = sorted({byzantine_count(f, args.pools) for f in fractions} - {0})
     jobs = [(r, "honest", 0, sim) for r in rules] + [
         (r, a, k, sim) for r in rules for a in attacks for k in ks
     ]
     print(
         f"{len(jobs)} runs: {args.pools} pools, {rounds} rounds × {args.inner_steps} inner steps, "
-        f"Byzantine pools {ks}, {args.workers} worker(s)",
+        f"Byzantine pools {ks}, {args.detection} detection, {args.workers} worker(s)",
         flush=True,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -190,7 +208,10 @@ def main() -> None:
             f"  {rule:<18} {len(ok)}/{len(scoped)} cells"
             + (f"; not ok: {', '.join(misses)}" if misses else "")
         )
-    print(f"\nwall time {time.perf_counter() - t0:.0f}s")
+    cpu = sum(r["cpu_s"] for r in rows)
+    print(
+        f"\nwall time {time.perf_counter() - t0:.0f}s; CPU time of the runs {cpu:.0f}s ({cpu / len(rows):.1f}s a run)"
+    )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")

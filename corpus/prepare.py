@@ -274,8 +274,9 @@ def _train(
                 reporter.advance(len(data))
                 yield data.decode()
 
-    tok = bpe.train(texts(), options.vocab_size)
-    return store.put_bytes(bpe.to_bytes(tok), pin=True), tok
+    data = bpe.to_bytes(bpe.train(texts(), options.vocab_size))
+    # Tokenise with the published bytes, exactly what a reader of the dataset will load.
+    return store.put_bytes(data, pin=True), bpe.from_bytes(data)
 
 
 def _tokenise_spool(sc: Scan, wanted: np.ndarray, tok: Tokenizer, out: Path, reporter: Reporter) -> None:

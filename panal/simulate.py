@@ -415,19 +415,12 @@ def simulate(opts: SimulateOptions) -> dict[str, Any]:
 def _demo_dataset(store: Any) -> str:
     """The demo corpus's CID: prepared on first use, then reused from the store's cache."""
     from corpus.cache import StageCache, default_cache_dir
-    from corpus.demo import StdlibSource
-    from corpus.prepare import PrepareOptions, prepare
+    from corpus.demo import StdlibSource, demo_options
+    from corpus.prepare import prepare
     from protocol.identity import load_or_create
 
     console.print("preparing the demo corpus (the Python standard library; reused once in the store) …")
-    options = PrepareOptions(
-        name="python-stdlib-demo",
-        vocab_size=4096,
-        seq_len=64,
-        sequences_per_shard=4096,
-        val_fraction=0.02,
-        seed=0,
-    )
+    options = demo_options()  # the same dataset as `panal corpus demo`
     identity, _ = load_or_create(Path("~/.panal/operator.key").expanduser())
     result = prepare(
         [StdlibSource()], options, store=store, identity=identity, cache=StageCache(default_cache_dir(store))

@@ -23,10 +23,10 @@ from coordinator.defence import (
     record_verdicts,
     simulate,
 )
-from coordinator.job import OuterOptimizer
+from coordinator.outer import OuterOptimizer
 from node.policy import make_policy
 
-SIM = SimConfig(pools=8, rounds=3, inner_steps=3, batch=8, seq_len=32, n_layer=2)
+SIM = SimConfig(pools=8, rounds=3, inner_steps=3, batch=8, seq_len=32, n_layer=2, timing_repeats=1)
 BYZANTINE = (6, 7)
 CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip")
 LOOK_HONEST = ("alie", "backdoor")

@@ -72,11 +72,13 @@ def test_a_world_that_cannot_form_is_reported_with_the_reason(tmp_path, small_da
     proc = subprocess.run(
         [sys.executable, "-m", "node.worker", str(home)],
         capture_output=True,
-        timeout=WORLD_TIMEOUT_S + 120,
+        timeout=WORLD_TIMEOUT_S + 400,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode != 0
     status = json.loads((home / "status.json").read_text())
     assert status["state"] == "NODE_STATE_FAILED"
     assert "the DeepSpeed world of pool p could not form" in status["detail"]
-    assert time.monotonic() - t0 < WORLD_TIMEOUT_S + 110  # bounded by the world timeout, not a hang
+    assert (
+        time.monotonic() - t0 < WORLD_TIMEOUT_S + 390
+    )  # bounded (world timeout + start-up on a loaded machine)
