@@ -9,6 +9,9 @@ CONSTRAINTS ?= constraints/cpu.txt
 TORCH ?= torch==2.13.0
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export DS_BUILD_OPS := 0
+# DeepSpeed compiles a shared-memory comm op the first time a CPU process group forms (~1-2 min).
+# Build it once at set-up into the venv, so tests never wait on it (or on another run's lock).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test lint proto bench clean
 
@@ -22,6 +25,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) tests/storage/oracles/package-
 	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[dev]"
 	npm ci --prefix tests/storage/oracles --no-audit --no-fund --loglevel=error
 	npm ci --prefix tests/storage/ipfsd --no-audit --no-fund --loglevel=error
+	$(if $(TORCH),DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()")
 	@touch $@
 
 # The main job on embedded defaults: demo corpus, a coordinator and 2 pools x 2 stages of node
