@@ -385,7 +385,8 @@ def _krum_order(stack: UpdateStack, f: int) -> tuple[list[int], list[float]]:
 
 
 def _krum(stack: UpdateStack, config: AggregationConfig, center: torch.Tensor | None) -> _Outcome:
-    assert config.f is not None  # AggregationConfig requires f for krum
+    if config.f is None:  # AggregationConfig requires f for Krum
+        raise AggregationError("krum needs aggregation.f")
     order, scores = _krum_order(stack, config.f)
     best = order[0]
     v = _coordinatewise(stack, lambda x: x[0].copy(), idx=[best])
@@ -394,7 +395,8 @@ def _krum(stack: UpdateStack, config: AggregationConfig, center: torch.Tensor | 
 
 
 def _multi_krum(stack: UpdateStack, config: AggregationConfig, center: torch.Tensor | None) -> _Outcome:
-    assert config.f is not None
+    if config.f is None:  # AggregationConfig requires f for Krum
+        raise AggregationError("krum needs aggregation.f")
     m = config.m if config.m is not None else stack.r - config.f
     if not 1 <= m <= stack.r - config.f:
         raise AggregationError(
@@ -464,7 +466,8 @@ RULES: dict[str, RuleFn] = {
     "multi_krum": _multi_krum,
     "centered_clipping": _centered_clipping,
 }
-assert set(RULES) == set(get_args(Rule))
+if set(RULES) != set(get_args(Rule)):  # a rule named but not implemented, or the reverse
+    raise ImportError("coordinator.aggregation: RULES and Rule disagree")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +479,8 @@ def clip_factors(norms: Sequence[float], clip: ClipConfig) -> list[float]:
     if clip.mode == "none":
         return [1.0] * len(norms)
     if clip.mode == "absolute":
-        assert clip.max_norm is not None  # ClipConfig requires it
+        if clip.max_norm is None:  # ClipConfig requires it
+            raise AggregationError("clip mode absolute needs clip.max_norm")
         limit = clip.max_norm
     else:
         limit = clip.multiple * float(_median(np.sort(np.asarray(norms, dtype=np.float64))))

@@ -111,7 +111,8 @@ def fit_rule(config: AggregationConfig, r: int) -> tuple[AggregationConfig, tupl
     rule, notes = config.rule, []
     changes: dict[str, object] = {}
     if rule in ("krum", "multi_krum"):
-        assert config.f is not None  # AggregationConfig requires it
+        if config.f is None:  # AggregationConfig requires f for Krum
+            raise AggregationError("krum needs aggregation.f")
         f = min(config.f, (r - 3) // 2)  # Krum needs r > 2f + 2
         if f < 0:
             notes.append(f"{rule} needs 3 updates, {r} left: median instead")
