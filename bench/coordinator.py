@@ -36,10 +36,11 @@
    pseudo-gradients: verify each (interceptor checks + ``submit_update``), then
    close the round (aggregate, outer step, write weights, momentum, checkpoint
    manifest and signed result). Baseline: H = 50 inner steps of the same model
-   through ``model.engine.StageEngine`` (one process, fp32, gloo), measured over
-   a few steps after warm-up steps and scaled to 50. On CPU the batch is cut
-   down so that a 125m step takes seconds: tiny uses the job defaults (micro-batch
-   4 x seq 64 x accumulation 2), 125m micro-batch 1 x seq 128. Target: overhead < 5%.
+   through ``model.engine.StageEngine`` (one process, fp32, gloo, one thread as
+   node/worker.py runs a CPU node), measured over a few steps after warm-up
+   steps and scaled to 50. On CPU the batch is cut down so that a 125m step
+   takes seconds: tiny uses the job defaults (micro-batch 4 x seq 64 x
+   accumulation 2), 125m micro-batch 1 x seq 128. Target: overhead < 5%.
 
 The load average is printed: on a shared machine, read figures next to it.
 """
@@ -149,6 +150,10 @@ def update_request(store: Any, a: pb.Assignment, base: str, seed: int) -> pb.Sub
     )
 
 
+def progress(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -181,6 +186,7 @@ def serve_echo(conn: Any) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from protocol.limits import server_options
+    from protocol.server import SERVER_TUNING
 
     ca = tls.make_ca()
     client = tls.make_client_cert(ca, "echo")
@@ -189,7 +195,7 @@ def serve_echo(conn: Any) -> None:
         def Heartbeat(self, request: pb.Envelope, context: Any) -> pb.HeartbeatReply:
             return pb.HeartbeatReply(server_time_ms=1)
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=32), options=server_options())
+    server = grpc.server(ThreadPoolExecutor(max_workers=32), options=server_options() + SERVER_TUNING)
     pb_grpc.add_NodeServiceServicer_to_server(Echo(), server)
     server_cert = tls.make_server_cert(ca, ["localhost", "127.0.0.1"])
     port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(ca.cert_pem, server_cert))
@@ -436,7 +442,9 @@ def window(load: Load, kind: str, t0: float, t1: float) -> tuple[float, float, f
 
 async def run_load(load: Load, pid: int, seconds: float, update_period: float) -> list[Row]:
     n = load.n
+    t = time.perf_counter()
     await load.setup()
+    progress(f"N={n}: {n} nodes enrolled, connected and assigned in {time.perf_counter() - t:.0f} s")
     rows: list[Row] = []
 
     async def measure(
@@ -446,6 +454,7 @@ async def run_load(load: Load, pid: int, seconds: float, update_period: float) -
         seconds: float,
     ) -> None:
         """Run ``traffic`` for a 2 s warm-up and a measured window; a row per kind of call."""
+        progress(f"N={n}: {what}")
         start = time.perf_counter()
         t0, t1 = start + 2.0, start + 2.0 + seconds
         tasks = [asyncio.create_task(c) for c in [*traffic(t1), load.watch_loop(t1)]]
@@ -515,8 +524,12 @@ def load_at(n: int, seconds: float, update_period: float) -> tuple[list[Row], in
         try:
             return asyncio.run(go())
         finally:
+            t = time.perf_counter()
             parent.send("stop")
-            proc.join(30)
+            proc.join(60)
+            progress(
+                f"N={n}: coordinator stopped in {time.perf_counter() - t:.1f} s (alive: {proc.is_alive()})"
+            )
 
 
 def echo_capacity(seconds: float) -> Row:
@@ -714,6 +727,9 @@ def inner_step_seconds(
     from model.engine import StageEngine, TrainConfig, World
     from model.presets import get_preset
 
+    # One thread, as node/worker.py runs a CPU node (PANAL_THREADS=1); on a shared machine two
+    # OpenMP threads also make a tiny model's step many times slower whenever the other core is busy.
+    torch.set_num_threads(1)
     config = get_preset(preset)
     tc = TrainConfig(total_steps=1000, micro_batch=micro_batch, grad_accum=grad_accum, precision="fp32")
     engine = StageEngine(
@@ -827,13 +843,19 @@ def main() -> None:
         for n in ns:
             got, rounds = load_at(n, args.seconds, args.update_period)
             rows += got
-            print(f"N={n}: {rounds} rounds closed", file=sys.stderr)
+            progress(f"N={n}: done, {rounds} rounds closed")
         print_load(rows, echo, hb_base, up_base, ns, args)
     if not args.skip_round:
         figs = []
         for p in presets:
             micro, seq, accum, warmup, steps = INNER[p]
-            figs.append(round_overhead(p, micro, seq, accum, warmup=warmup, steps=steps))
+            t = time.perf_counter()
+            # Each preset in a fresh process: DeepSpeed's global state (process group, environment)
+            # and the load test's leftovers stay out of the figures.
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                kwargs = {"warmup": warmup, "steps": steps}
+                figs.append(pool.apply(round_overhead, (p, micro, seq, accum), kwargs))
+            progress(f"round overhead of {p} measured in {time.perf_counter() - t:.0f} s")
         print_rounds(figs)
     print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 

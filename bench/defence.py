@@ -120,7 +120,7 @@ def fmt(x: object, spec: str = ".3f") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="mean and trimmed_mean, 25%% only, 4 rounds")
+    ap.add_argument("--quick", action="store_true", help="mean and the default rule, 25%% only, 4 rounds")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--attacks", default=None, help="default: every attack of node.policy.ATTACKS")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--csv", default=str(Path(__file__).with_suffix(".csv")))
     args = ap.parse_args()
 
+    from coordinator.defence import DEFAULT_RULE
     from node.policy import ATTACKS
 
     rules = args.rules.split(",")
@@ -145,7 +146,7 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     rounds = args.rounds
     if args.quick:
-        rules, fractions, rounds = ["mean", "trimmed_mean"], [0.25], 4
+        rules, fractions, rounds = ["mean", DEFAULT_RULE], [0.25], 4
     unknown = sorted(set(rules) - set(RULES)) + sorted(set(attacks) - set(ATTACKS))
     if unknown:
         raise SystemExit(
@@ -205,7 +206,7 @@ def main() -> None:
         ok = [r for r in scoped if r["target"] == "ok"]
         misses = [f"{r['attack']} K={r['byzantine']} ({r['target']})" for r in scoped if r["target"] != "ok"]
         print(
-            f"  {rule:<18} {len(ok)}/{len(scoped)} cells"
+            f"  {rule + (' (default)' if rule == DEFAULT_RULE else ''):<28} {len(ok)}/{len(scoped)} cells"
             + (f"; not ok: {', '.join(misses)}" if misses else "")
         )
     cpu = sum(r["cpu_s"] for r in rows)
