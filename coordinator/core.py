@@ -594,7 +594,7 @@ class Coordinator:
             self.state.flush_heartbeats_if_due()
             job = self.running_job()
             timeout_ms = int(self.settings.heartbeat_timeout_s * 1000)
-            for node in self.state.nodes():
+            for node in self.state.silent_nodes(timeout_ms):
                 if node.state == "active" and now_ms() - node.last_heartbeat_ms > timeout_ms:
                     self.state.set_node_state(node.node_id, "lost")
                     self.state.audit(

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+PIECE = 1 << 18  # elements per piece of the float64 computation
+
 
 class OuterOptimizer(BaseModel):
     """The outer step (DiLoCo): Nesterov momentum over the aggregated pseudo-gradient."""
@@ -37,9 +39,17 @@ def outer_step(
     weights: dict[str, torch.Tensor] = {}
     new_momentum: dict[str, torch.Tensor] = {}
     for name in sorted(start):
-        d = delta[name].to(torch.float64)
-        m = d.clone() if momentum is None else opt.momentum * momentum[name].to(torch.float64) + d
-        step = d + opt.momentum * m if opt.nesterov else m
-        weights[name] = (start[name].to(torch.float64) - opt.lr * step).to(torch.float32)
-        new_momentum[name] = m.to(torch.float32)
+        shape, n = start[name].shape, start[name].numel()
+        s_all, d_all = start[name].reshape(-1), delta[name].reshape(-1)
+        m_all = momentum[name].reshape(-1) if momentum is not None else None
+        w_out, m_out = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+        # Piece by piece (float64 scratch stays in cache), one rounding per operation as in the docstring.
+        for a in range(0, n, PIECE):
+            b = min(n, a + PIECE)
+            d = d_all[a:b].to(torch.float64)
+            m = d.clone() if m_all is None else m_all[a:b].to(torch.float64).mul_(opt.momentum).add_(d)
+            step = m.mul(opt.momentum).add_(d) if opt.nesterov else m.clone()  # μ·m + Δ̄, or m
+            m_out[a:b] = m  # rounds to float32 as .to() does
+            w_out[a:b] = s_all[a:b].to(torch.float64).sub_(step.mul_(opt.lr))
+        weights[name], new_momentum[name] = w_out.view(shape), m_out.view(shape)
     return weights, new_momentum

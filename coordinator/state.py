@@ -226,6 +226,21 @@ class State:
             status=status if status is not None else json.loads(row["status"] or "{}"),
         )
 
+    def silent_nodes(self, older_than_ms: int) -> list[Node]:
+        """Active nodes whose last heartbeat is older than ``older_than_ms`` (a tick, every half second)."""
+
+        def load() -> list[sqlite3.Row]:
+            return self.query("SELECT * FROM nodes ORDER BY pool, node_id")
+
+        now = now_ms()
+        beats = self._heartbeats
+        return [
+            self._node(r)
+            for r in self.cached(("nodes", None), ("nodes",), load)
+            if r["state"] == "active"
+            and now - beats.get(r["node_id"], (r["last_heartbeat_ms"] or 0, None))[0] > older_than_ms
+        ]
+
     def heartbeat(self, node_id: str, status: dict[str, Any]) -> None:
         """Record a heartbeat in memory; written to disk every few seconds."""
         self._heartbeats[node_id] = (now_ms(), status)  # one dict store: atomic, no lock needed

@@ -103,9 +103,10 @@ class KuboStore(BlobStore):
                 'Content-Disposition: form-data; name="file"; filename="blob"\r\n'
                 "Content-Type: application/octet-stream\r\n\r\n"
             ).encode()
-            for chunk in chunks:
-                if not chunk:
+            for part in chunks:
+                if not part:
                     continue
+                chunk = part if isinstance(part, bytes) else bytes(part)  # HTTP bodies are bytes
                 builder.update(chunk)
                 yield chunk
                 if progress:

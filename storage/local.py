@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import itertools
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ from storage.cid import CID, CidBuilder
 from storage.errors import IntegrityError, NotFound
 
 STALE_TMP_SECONDS = 3600
+INLINE_HASH_BYTES = 4 << 20  # a lone block up to this size is hashed without a helper thread
 
 
 def hashed(chunks: Iterable[bytes], builder: CidBuilder) -> Iterator[bytes]:
@@ -44,11 +46,21 @@ def hashed(chunks: Iterable[bytes], builder: CidBuilder) -> Iterator[bytes]:
 
     Hashing block i overlaps with the consumer's use of block i and with
     reading block i+1 (hashlib releases the GIL on large buffers), so a put or
-    a verified get costs about max(hash, I/O) rather than their sum.
+    a verified get costs about max(hash, I/O) rather than their sum. A single
+    small block (a small blob) is hashed inline: a thread costs more than that.
     """
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        return
+    second = next(it, None)
+    if second is None and len(first) <= INLINE_HASH_BYTES:
+        builder.update(first)
+        yield first
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="panal-cid") as pool:
         pending: Future[None] | None = None
-        for block in chunks:
+        for block in itertools.chain((first,) if second is None else (first, second), it):
             if pending is not None:
                 pending.result()
             pending = pool.submit(builder.update, block)

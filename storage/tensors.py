@@ -57,10 +57,62 @@ class SchemaError(MalformedMessage):
     """Tensor names, shapes or dtypes differ from what was expected."""
 
 
+_NAME_OF = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+
+def _safetensors_rank() -> dict[str, int]:
+    """The order ``safetensors.save`` lays dtypes out in (its Dtype enum, descending), as installed."""
+    probe = {name: torch.zeros(1, dtype=dt) for name, (dt, _) in DTYPES.items()}
+    data = _st_save(probe)
+    (n,) = struct.unpack("<Q", data[:8])
+    order = list(json.loads(data[8 : 8 + n]))  # JSON objects keep their order
+    return {name: i for i, name in enumerate(order)}
+
+
+_RANK = _safetensors_rank()
+
+
+def _plain_name(name: str) -> bool:
+    return name.isascii() and name.isprintable() and '"' not in name and "\\" not in name
+
+
 def dump(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize a state dict to safetensors bytes (CPU, contiguous, unshared copies)."""
-    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    return bytes(_st_save(plain, metadata=dict(metadata) if metadata else None))
+    """Serialize a state dict to safetensors bytes, the very bytes ``safetensors.save`` writes."""
+    return b"".join(dump_parts(tensors, metadata))
+
+
+def dump_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """:func:`dump`'s bytes as consecutive buffers, the tensors' own memory (for ``put_chunks``).
+
+    Without metadata the file is assembled here and the data is not copied at all
+    (safetensors copies each tensor twice, a second per GiB on this CPU); with
+    metadata, or names that need JSON escapes, it goes through ``safetensors.save``.
+    Keep the tensors unchanged until the buffers are consumed.
+    """
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    if metadata or not cpu or not all(_plain_name(n) and t.dtype in _NAME_OF for n, t in cpu.items()):
+        plain = {name: t.clone() for name, t in cpu.items()}  # unshared, as safetensors requires
+        return [bytes(_st_save(plain, metadata=dict(metadata) if metadata else None))]
+    order = sorted(cpu, key=lambda n: (_RANK[_NAME_OF[cpu[n].dtype]], n))
+    entries, at = [], 0
+    for name in order:
+        t = cpu[name]
+        size = t.numel() * t.element_size()
+        entries.append(
+            f'"{name}":{{"dtype":"{_NAME_OF[t.dtype]}","shape":{json.dumps(list(t.shape), separators=(",", ":"))},'
+            f'"data_offsets":[{at},{at + size}]}}'
+        )
+        at += size
+    header = ("{" + ",".join(entries) + "}").encode()
+    header += b" " * (-len(header) % 8)
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(header)), header]
+    for name in order:
+        t = cpu[name]
+        if t.numel():
+            parts.append(t.reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy
+    return parts
 
 
 def read_header(data: bytes, limits: TensorLimits = TensorLimits()) -> dict[str, TensorSpec]:
