@@ -1,7 +1,7 @@
 """Poisoning-defence benchmark: every rule × attack × Byzantine fraction, as in-process DiLoCo runs.
 
     python bench/defence.py [--quick] [--rules mean,trimmed_mean] [--attacks sign_flip,alie]
-                            [--fractions 0.1,0.25,0.4] [--pools 8] [--rounds 6] [--inner-steps 6]
+                            [--fractions 0.1,0.25,0.4] [--pools 20] [--rounds 6] [--inner-steps 6]
                             [--workers 2] [--csv bench/defence.csv]
 
 Each cell is one run of ``coordinator.defence.simulate``: R pools of the tiny GPT train
@@ -9,7 +9,7 @@ H inner steps per round on a random Markov chain; the last K pools are Byzantine
 the attack's ``node.policy`` policy; the coordinator aggregates with the rule, rejects
 outliers (``coordinator.defence.TUNED_DETECTION``) and quarantines a pool at 2
 rejections among its last 3 updates. K = max(1, ⌊fraction·R + ½⌋) for a fraction > 0:
-with 8 pools 10% → 1 (12.5%), 25% → 2, 40% → 3 (37.5%).
+with the default 20 pools 10% → 2, 25% → 5, 40% → 8 exactly (with 8 pools: 1, 2, 3).
 
 Columns, every ratio against a baseline from the same invocation:
 - loss: validation loss after the last round; ×clean: over the same rule's run without
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--attacks", default=None, help="default: every attack of node.policy.ATTACKS")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
-    ap.add_argument("--pools", type=int, default=8)
+    ap.add_argument("--pools", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--inner-steps", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,14 @@ from coordinator.aggregation import (
     flatten,
     unflatten,
 )
-from coordinator.detection import DetectionPolicy, Reputation, UpdateScore, judge, score_updates
+from coordinator.detection import (
+    DetectionPolicy,
+    Reputation,
+    UpdateScore,
+    judge,
+    row_blocks,
+    score_updates,
+)
 from coordinator.outer import OuterOptimizer, outer_step
 from model.gpt import GPT, loss_fn
 from model.presets import get_preset
@@ -48,11 +55,15 @@ from model.presets import get_preset
 Tensors = dict[str, torch.Tensor]
 
 
-# Detection thresholds tuned on bench/defence.py (the DetectionPolicy defaults are 0.0 and 3.0).
-# Honest pools there have cosine ≥ 0.8 to the robust aggregate and a distance ratio ≤ 1.1; an
-# update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
-# ratio 1.8–4.6. The defaults let both through for several rounds (cosine > 0, ratio < 3).
-TUNED_DETECTION = DetectionPolicy(min_cosine=0.3, max_distance_ratio=2.0)
+# Detection thresholds tuned on bench/defence.py (the DetectionPolicy defaults are 0.0 and 3.0,
+# and no spread or row check). Honest pools there have cosine ≥ 0.8 to the robust aggregate, a
+# distance ratio ≤ 1.1, a spread shift within ±0.05 and a row ratio ≤ 7.6 (first round; ≤ 4 after);
+# an update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
+# ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.2; a
+# trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after.
+TUNED_DETECTION = DetectionPolicy(
+    min_cosine=0.3, max_distance_ratio=2.0, max_spread_shift=0.1, max_row_ratio=10.0
+)
 DEFAULT_RULE: Rule = "trimmed_mean"
 
 
@@ -149,7 +160,7 @@ def defend_stage(
     flats = [flatten(dict(d)) for d in deltas]  # R × (N,) float32
     first_config, notes = fit_rule(config.aggregation, len(flats))
     first = aggregate(flats, first_config)
-    scores = score_updates(flats, first.vector, chunk=first_config.chunk)
+    scores = score_updates(flats, first.vector, rows=row_blocks(start), chunk=first_config.chunk)
     verdicts = judge(scores, config.detection)
     keep = [v.index for v in verdicts if v.accepted]
     if not keep:

@@ -6,7 +6,19 @@ update u_i is scored against the robust aggregate a:
 - its L2 distance ‖u_i − a‖ and that distance over the median distance;
 - its cosine similarity ⟨u_i, a⟩ / (‖u_i‖‖a‖) (0.0 when either is zero);
 - its norm over the median update norm;
-- its Krum score (sum of squared distances to its R − f − 2 nearest others), when f is given and R > 2f + 2.
+- its Krum score (sum of squared distances to its R − f − 2 nearest others), when f is given and R > 2f + 2;
+- its *spread alignment*: the cosine between its residual u_i − a and the per-coordinate
+  spread σ (σ_j the mean over updates of |u_kj − a_j|), and how far that lies from the
+  median update's. An honest residual is noise with no preferred sign, so its alignment
+  sits near everyone else's; "a little is enough" (Baruch et al. 2019) and the other
+  attacks that shift every coordinate by a multiple of its spread (the "std" perturbation
+  of Shejwalkar & Houmansadr 2021) point their residual along σ (or against it);
+- its *row ratio*, when the updates' 2-D tensors are given (:func:`row_blocks`): for each
+  row (a token's embedding or output row, a neuron's weights) the norm of the update's
+  residual there over the median update's, the median floored at a share of the typical
+  row; the largest over the rows. A trigger-token backdoor moves the trigger's rows, which
+  honest pools barely touch, as far as any frequent token's: ratios of 10–70 where honest
+  updates stay under 4 (and under 8 in a first round, when rare tokens are new).
 
 Everything is float64 and deterministic: the sums over the parameter dimension
 are ``aggregation.TreeSum`` pairwise trees, independent of thread count and chunk size.
@@ -16,8 +28,10 @@ are ``aggregation.TreeSum`` pairwise trees, independent of thread count and chun
 (cosine below ``min_cosine``), scaling (norm ratio above ``max_norm_ratio``),
 free riding with zeros or a shrunken update (norm ratio below
 ``min_norm_ratio``), noise and other far-off updates (distance ratio above
-``max_distance_ratio``). The ratios are to medians, so they hold while fewer
-than half the updates are Byzantine.
+``max_distance_ratio``), ALIE-style shifts (spread alignment off the median by
+more than ``max_spread_shift``), backdoors through rare rows (row ratio above
+``max_row_ratio``). The ratios and shifts are to medians, so they hold while
+fewer than half the updates are Byzantine.
 
 :class:`Reputation` remembers each node's last verdicts across rounds and says
 when to quarantine it (by default 2 rejections among its last 3 updates).
@@ -41,7 +55,31 @@ from coordinator.aggregation import (
     UpdateStack,
     krum_scores,
     pairwise_sq_distances,
+    tree_sum,
 )
+
+ROW_FLOOR = 0.25  # a row's median residual is floored at this share of the median row's
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """A 2-D tensor inside a flat update: its name, first element, rows and row length."""
+
+    name: str
+    offset: int
+    rows: int
+    cols: int
+
+
+def row_blocks(like: Mapping[str, Any]) -> list[RowBlock]:
+    """The 2-D tensors of a stage (name → tensor or anything with ``.shape``) in ``flatten`` order."""
+    blocks, at = [], 0
+    for name in sorted(like):
+        shape = tuple(like[name].shape)
+        if len(shape) == 2 and shape[0] > 0 and shape[1] > 0:
+            blocks.append(RowBlock(name, at, shape[0], shape[1]))
+        at += math.prod(shape)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -53,6 +91,11 @@ class UpdateScore:
     norm_ratio: float  # ‖u‖ / median_j ‖u_j‖
     distance_ratio: float  # ‖u − a‖ / median_j ‖u_j − a‖
     krum_score: float | None  # None when not asked for (krum_f None) or R ≤ 2f + 2
+    spread_alignment: float = 0.0  # cos(u − a, σ); 0.0 when either is zero
+    spread_shift: float = 0.0  # spread_alignment minus the median update's
+    spread_z: float = 0.0  # spread_shift over its standard deviation were the residual's signs fair coins
+    row_ratio: float | None = None  # None when no 2-D tensors were given
+    row: str = ""  # where row_ratio peaks: "name[row]"
 
 
 def _ratio(x: float, median: float) -> float:
@@ -73,17 +116,26 @@ def score_updates(
     aggregate: torch.Tensor,
     *,
     krum_f: int | None = None,
+    rows: Sequence[RowBlock] = (),
     chunk: int = DEFAULT_CHUNK,
 ) -> list[UpdateScore]:
-    """Score each of R flat float32 updates (N,) against the (N,) aggregate; one pass (two with Krum)."""
+    """Score each of R flat float32 updates (N,) against the (N,) aggregate.
+
+    One pass over the updates; one more with Krum and one more over ``rows`` (the
+    2-D tensors, :func:`row_blocks`) for the row ratio.
+    """
     stack = UpdateStack(updates, chunk=chunk)
     if aggregate.dim() != 1 or aggregate.numel() != stack.size:
         raise AggregationError(
             f"aggregate has shape {list(aggregate.shape)}; the updates need [{stack.size}]"
         )
     agg = aggregate.detach().cpu().to(torch.float64).numpy()  # (N,) float64
-    sq, dot, dist = TreeSum(stack.r), TreeSum(stack.r), TreeSum(stack.r)
-    agg_sq = TreeSum(1)
+    sq, dot, dist, sdot = TreeSum(stack.r), TreeSum(stack.r), TreeSum(stack.r), TreeSum(stack.r)
+    sdot2 = TreeSum(stack.r)
+    # Spread alignment and row ratios compare an update with the median one: with two updates
+    # (or one) there is no majority to differ from, and both are left at their neutral values.
+    majority = stack.r >= 3
+    agg_sq, spread_sq = TreeSum(1), TreeSum(1)
     for a, b in stack.spans():
         x = stack.rows(a, b)  # (R, c)
         g = agg[a:b] + 0.0  # (c,), −0.0 normalised like the updates
@@ -91,14 +143,38 @@ def score_updates(
         t = x * g  # (R, c): the one scratch buffer besides x
         dot.add(t)
         sq.add(np.multiply(x, x, out=t))
-        x -= g
+        x -= g  # residuals
+        if majority:
+            np.abs(x, out=t)
+            spread = t[0].copy()
+            for k in range(1, stack.r):  # row by row, in order: the same bits on any machine
+                spread += t[k]
+            spread /= stack.r  # σ: mean |u_kj − a_j| over the updates
+            spread_sq.add((spread * spread)[None, :])
+            sdot.add(np.multiply(x, spread, out=t))
+            sdot2.add(np.square(t, out=t))
         dist.add(np.square(x, out=x))
     norms = np.sqrt(sq.total())
     distances = np.sqrt(dist.total())
     agg_norm = math.sqrt(float(agg_sq.total()[0]))
-    dots = dot.total()
+    spread_norm = math.sqrt(float(spread_sq.total()[0])) if majority else 0.0
+    dots, sdots = dot.total(), sdot.total() if majority else np.zeros(stack.r)
     if not (np.isfinite(norms).all() and np.isfinite(distances).all() and math.isfinite(agg_norm)):
         raise AggregationError("updates or aggregate hold NaN or infinite values; reject them before scoring")
+    alignment = [
+        max(-1.0, min(1.0, float(sdots[i]) / (float(distances[i]) * spread_norm)))
+        if distances[i] > 0 and spread_norm > 0
+        else 0.0
+        for i in range(stack.r)
+    ]
+    med_alignment = _median(alignment)
+    shifts = [a - med_alignment for a in alignment]
+    # If the residual's signs were fair coins, independent of σ, its alignment would have mean 0
+    # and variance Σ_j (r_j σ_j)² / (‖r‖² ‖σ‖²): the shift in those standard deviations.
+    null_sd = np.sqrt(sdot2.total() if majority else np.zeros(stack.r)) / np.maximum(
+        distances * spread_norm, 1e-300
+    )
+    row_ratio, row_at = _row_ratios(stack, agg, rows) if rows and majority else (None, None)
 
     krum: list[float] | None = None
     if krum_f is not None and stack.r > 2 * krum_f + 2:
@@ -118,9 +194,48 @@ def score_updates(
                 norm_ratio=_ratio(n, med_norm),
                 distance_ratio=_ratio(d, med_dist),
                 krum_score=None if krum is None else krum[i],
+                spread_alignment=alignment[i],
+                spread_shift=shifts[i],
+                spread_z=shifts[i] / float(null_sd[i]) if null_sd[i] > 0 else 0.0,
+                row_ratio=None if row_ratio is None else row_ratio[i],
+                row="" if row_at is None else row_at[i],
             )
         )
     return scores
+
+
+def _row_ratios(
+    stack: UpdateStack, agg: np.ndarray, blocks: Sequence[RowBlock]
+) -> tuple[list[float], list[str]]:
+    """Per update, the largest row ratio over ``blocks`` and where it is (see the module docstring)."""
+    norms = []  # per block, (R, rows): ‖u_i − a‖ over each row
+    for blk in blocks:
+        if blk.offset + blk.rows * blk.cols > stack.size:
+            raise AggregationError(f"tensor {blk.name} runs past the end of the {stack.size}-element updates")
+        out = np.empty((stack.r, blk.rows))
+        per = max(1, stack.chunk // blk.cols)  # rows per piece
+        for r0 in range(0, blk.rows, per):
+            r1 = min(blk.rows, r0 + per)
+            a, b = blk.offset + r0 * blk.cols, blk.offset + r1 * blk.cols
+            x = stack.rows(a, b)
+            x -= agg[a:b] + 0.0
+            np.square(x, out=x)
+            out[:, r0:r1] = np.sqrt(tree_sum(x.reshape(stack.r, r1 - r0, blk.cols)))
+        norms.append(out)
+    medians = [np.median(n, axis=0) for n in norms]  # (rows,) per block: order statistics, exact
+    floor = ROW_FLOOR * float(np.median(np.concatenate(medians)))
+    best = [0.0] * stack.r
+    where = [""] * stack.r
+    for blk, n, med in zip(blocks, norms, medians, strict=True):
+        den = np.maximum(med, floor)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(den > 0, n / np.where(den > 0, den, 1.0), np.where(n > 0, np.inf, 1.0))
+        top = ratio.argmax(axis=1)  # (R,) the first row with the largest ratio
+        for i in range(stack.r):
+            value = float(ratio[i, top[i]])
+            if value > best[i]:
+                best[i], where[i] = value, f"{blk.name}[{int(top[i])}]"
+    return best, where
 
 
 class DetectionPolicy(BaseModel):
@@ -135,6 +250,12 @@ class DetectionPolicy(BaseModel):
       scaled update (×100) or a zero / shrunken free ride falls outside.
     - ``max_distance_ratio`` 3.0: in high dimension honest distances to the
       aggregate concentrate around their median; noise or a far-off model does not.
+    - ``max_spread_shift`` and ``max_row_ratio``: off (None) here; the job default
+      (``coordinator.defence.TUNED_DETECTION``) sets both, tuned on bench/defence.py.
+      A spread shift is rejected only when it is also ``min_spread_z`` (20) standard
+      deviations of a sign test off the median: with few parameters honest alignments
+      scatter widely (±0.16 at 512 parameters, z within ±3), with many they cluster
+      (±0.05 at 266 k, z within ±14); ALIE sits at z ≈ −65 there.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -143,6 +264,9 @@ class DetectionPolicy(BaseModel):
     max_norm_ratio: float = Field(default=3.0, gt=1)
     min_norm_ratio: float = Field(default=0.25, ge=0, lt=1)
     max_distance_ratio: float = Field(default=3.0, gt=1)
+    max_spread_shift: float | None = Field(default=None, gt=0, le=2)
+    min_spread_z: float = Field(default=20.0, gt=0)
+    max_row_ratio: float | None = Field(default=None, gt=1)
 
 
 @dataclass(frozen=True)
@@ -177,6 +301,27 @@ def judge(scores: Sequence[UpdateScore], policy: DetectionPolicy) -> list[Verdic
                 reasons.append(
                     f"distance {s.distance:.4g} to the robust aggregate is {s.distance_ratio:.1f}× the median "
                     f"distance, above the limit {policy.max_distance_ratio:.1f}×"
+                )
+            if (
+                policy.max_spread_shift is not None
+                and abs(s.spread_shift) > policy.max_spread_shift
+                and abs(s.spread_z) > policy.min_spread_z
+            ):
+                reasons.append(
+                    f"residual aligned {s.spread_alignment:+.2f} with the per-coordinate spread of the updates, "
+                    f"{s.spread_shift:+.2f} off the median update ({s.spread_z:+.1f} robust standard deviations; "
+                    f"limits ±{policy.max_spread_shift:.2f} and ±{policy.min_spread_z:.1f}): every coordinate "
+                    "pushed the same way, as 'a little is enough' does"
+                )
+            if (
+                policy.max_row_ratio is not None
+                and s.row_ratio is not None
+                and s.row_ratio > policy.max_row_ratio
+            ):
+                reasons.append(
+                    f"row {s.row} moved {s.row_ratio:.1f}× as far from the aggregate as the median update "
+                    f"moves it (limit {policy.max_row_ratio:.1f}×): a change the other pools do not make, "
+                    "as a trigger-token backdoor does"
                 )
         verdicts.append(Verdict(s.index, not reasons, tuple(reasons)))
     return verdicts

@@ -19,6 +19,12 @@ class Metrics:
         self.quarantined = Counter(
             "panal_nodes_quarantined", "Nodes quarantined after repeated rejections", registry=r
         )
+        self.update_score = Gauge(
+            "panal_update_score",
+            "Detection's scores of each pool's last verified update, by stage and score",
+            ["pool", "stage", "score"],
+            registry=r,
+        )
         self.rpc_errors = Counter(
             "panal_rpc_errors", "Calls refused by the trust layer, by error", ["error"], registry=r
         )

@@ -82,7 +82,7 @@ class RoundCloser:
 
     def _put(self, value: dict[str, torch.Tensor]) -> str:
         """Store new weights or momentum; keep them (and their spec) for the next round."""
-        cid = str(self.c.store.put_bytes(tensors.dump(value), pin=True))
+        cid = str(self.c.store.put_chunks(tensors.dump_parts(value), pin=True))
         self.kept.put(cid, "tensors", value)
         self._specs[cid] = tensors.spec_of(value)
         return cid
@@ -107,8 +107,18 @@ class RoundCloser:
                 r["pool"]
                 for r in self.c.state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,))
             ]
-            # The (pool, stage) pairs expected that have answered, counted in SQL: this runs
-            # for every update, and a round of many pools and stages has many rows.
+            expected = len(active) * spec.stages
+            late = deadline_check and now_ms() > int(row["deadline_ms"])
+            if not late:
+                # A quick bound first: fewer update rows than slots cannot answer every slot.
+                # (An index-only count; the exact count below joins every row of the round,
+                # which costs milliseconds per update when a round has a thousand of them.)
+                rows = self.c.state.one(
+                    "SELECT COUNT(*) AS n FROM updates WHERE job=? AND round=?", (job, round)
+                )
+                if rows is not None and int(rows["n"]) < expected:
+                    return
+            # The (pool, stage) pairs expected that have answered, counted in SQL.
             answered = self.c.state.one(
                 "SELECT COUNT(*) AS n FROM (SELECT DISTINCT u.pool, u.stage FROM updates u"
                 " JOIN placement p ON p.job=u.job AND p.pool=u.pool AND p.stage=u.stage AND p.node_id=u.node_id"
@@ -116,8 +126,7 @@ class RoundCloser:
                 " WHERE u.job=? AND u.round=? AND u.stage < ?)",
                 (job, round, spec.stages),
             )
-            missing = len(active) * spec.stages - (answered["n"] if answered else 0)
-            late = deadline_check and now_ms() > int(row["deadline_ms"])
+            missing = expected - (answered["n"] if answered else 0)
             if missing and not late:
                 return
             self._close(job, round, spec, row, late=late and bool(missing))
@@ -188,6 +197,7 @@ class RoundCloser:
                 momentum_cid=new_momentum.get(str(s), ""),
                 input_envelope_cids=[u["envelope_cid"] for u in verified if int(u["stage"]) == s],
                 notes=list(outcomes[s].notes) if s in outcomes else [],
+                scores=_scores(outcomes[s], verified) if s in outcomes else [],
             )
             for s in range(spec.stages)
         ]
@@ -215,6 +225,13 @@ class RoundCloser:
         )
         quarantine = self._reputation(job, round, verified, detected)
         with self.c.state.tx() as db:
+            for stage in stage_results:
+                for sc in stage.scores:
+                    fields = {k: getattr(sc, k) for k in SCORE_FIELDS}
+                    self.c.state.audit(
+                        "update_scored", node_id=sc.node_id, job=job, round=round, db=db, stage=stage.stage,
+                        pool=sc.pool, accepted=sc.accepted, row=sc.row, **fields,
+                    )  # fmt: skip
             for update_id, why in detected.items():
                 db.execute(
                     "UPDATE updates SET status='rejected', reason=? WHERE update_id=?", (why, update_id)
@@ -266,6 +283,12 @@ class RoundCloser:
                 )
         for _ in detected:
             self.c.metrics.updates.labels(status="rejected_by_detection").inc()
+        for stage in stage_results:
+            for sc in stage.scores:
+                for k in SCORE_FIELDS:
+                    self.c.metrics.update_score.labels(pool=sc.pool, stage=str(stage.stage), score=k).set(
+                        getattr(sc, k)
+                    )
         self.c.metrics.round_seconds.observe((now_ms() - t0) / 1000)
         log.info(
             "round %s of %s %s: %d accepted, %d rejected, mean loss %.4f, result %s",
@@ -328,3 +351,38 @@ class RoundCloser:
             dataset_cid=spec.dataset,
         )
         return str(self.c.store.put_bytes(manifest.sign(body, self.c.identity), pin=True))
+
+
+# The numeric scores a round result, the audit log and the metrics carry for every update.
+SCORE_FIELDS = (
+    "norm",
+    "distance",
+    "cosine",
+    "norm_ratio",
+    "distance_ratio",
+    "spread_alignment",
+    "spread_shift",
+    "spread_z",
+    "row_ratio",
+)
+
+
+def finite_score(x: float | None) -> float:
+    # A ratio to a zero median is inf; protobuf doubles carry it, JSON audit fields would not.
+    return 0.0 if x is None else (x if abs(x) != float("inf") else (1e308 if x > 0 else -1e308))
+
+
+def _scores(out: StageDefence, verified: list[Any]) -> list[pb.UpdateScore]:
+    """Detection's scores of each update of one stage, in the order the rule saw them."""
+    rows = {u["update_id"]: u for u in verified}
+    return [
+        pb.UpdateScore(
+            update_id=v.id,
+            node_id=rows[v.id]["node_id"],
+            pool=rows[v.id]["pool"],
+            accepted=v.accepted,
+            row=v.score.row,
+            **{k: finite_score(getattr(v.score, k)) for k in SCORE_FIELDS},
+        )
+        for v in out.verdicts
+    ]

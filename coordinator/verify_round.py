@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from coordinator.aggregation import AggregationError
 from coordinator.defence import defend_stage
 from coordinator.job import JobSpec
+from coordinator.rounds import SCORE_FIELDS, finite_score
 from coordinator.updates import make_update_id
 from model.stage import initial_stage_weights
 from protocol import panal_pb2 as pb
@@ -133,14 +134,25 @@ def verify_round(
         momentum_cid = str(cid_of_bytes(tensors.dump(out.momentum)))
         rejected = {v.id for v in out.verdicts if not v.accepted}
         published = {r.update_id for r in stage.rejected if r.reason.startswith("rejected by detection")}
+        scores = [
+            (v.id, v.accepted, v.score.row, *(finite_score(getattr(v.score, k)) for k in SCORE_FIELDS))
+            for v in out.verdicts
+        ]
+        said = [
+            (x.update_id, x.accepted, x.row, *(getattr(x, k) for k in SCORE_FIELDS)) for x in stage.scores
+        ]
         same = (
-            weights_cid == stage.weights_cid and momentum_cid == stage.momentum_cid and rejected == published
+            weights_cid == stage.weights_cid
+            and momentum_cid == stage.momentum_cid
+            and rejected == published
+            and scores == said
         )
         checks.append(
             Check(
                 f"stage {s} outcome",
                 same,
                 f"recomputed weights {weights_cid}, momentum {momentum_cid}, {len(rejected)} rejected by detection"
+                + ("" if scores == said else ", detection scores that differ from the published ones")
                 + (
                     ""
                     if same

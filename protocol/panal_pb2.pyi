@@ -250,7 +250,7 @@ class GetRoundResultRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageResult(_message.Message):
-    __slots__ = ("stage", "weights_cid", "accepted_update_ids", "rejected", "start_weights_cid", "start_momentum_cid", "momentum_cid", "input_envelope_cids", "notes")
+    __slots__ = ("stage", "weights_cid", "accepted_update_ids", "rejected", "start_weights_cid", "start_momentum_cid", "momentum_cid", "input_envelope_cids", "notes", "scores")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_UPDATE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class StageResult(_message.Message):
     MOMENTUM_CID_FIELD_NUMBER: _ClassVar[int]
     INPUT_ENVELOPE_CIDS_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     stage: int
     weights_cid: str
     accepted_update_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -269,7 +270,40 @@ class StageResult(_message.Message):
     momentum_cid: str
     input_envelope_cids: _containers.RepeatedScalarFieldContainer[str]
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ..., start_weights_cid: _Optional[str] = ..., start_momentum_cid: _Optional[str] = ..., momentum_cid: _Optional[str] = ..., input_envelope_cids: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    scores: _containers.RepeatedCompositeFieldContainer[UpdateScore]
+    def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ..., start_weights_cid: _Optional[str] = ..., start_momentum_cid: _Optional[str] = ..., momentum_cid: _Optional[str] = ..., input_envelope_cids: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[UpdateScore, _Mapping]]] = ...) -> None: ...
+
+class UpdateScore(_message.Message):
+    __slots__ = ("update_id", "node_id", "pool", "accepted", "norm", "distance", "cosine", "norm_ratio", "distance_ratio", "spread_alignment", "spread_shift", "spread_z", "row_ratio", "row")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    NORM_RATIO_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_Z_FIELD_NUMBER: _ClassVar[int]
+    ROW_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    node_id: str
+    pool: str
+    accepted: bool
+    norm: float
+    distance: float
+    cosine: float
+    norm_ratio: float
+    distance_ratio: float
+    spread_alignment: float
+    spread_shift: float
+    spread_z: float
+    row_ratio: float
+    row: str
+    def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., accepted: _Optional[bool] = ..., norm: _Optional[float] = ..., distance: _Optional[float] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., distance_ratio: _Optional[float] = ..., spread_alignment: _Optional[float] = ..., spread_shift: _Optional[float] = ..., spread_z: _Optional[float] = ..., row_ratio: _Optional[float] = ..., row: _Optional[str] = ...) -> None: ...
 
 class RejectedUpdate(_message.Message):
     __slots__ = ("update_id", "node_id", "pool", "stage", "reason")

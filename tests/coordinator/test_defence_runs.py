@@ -5,8 +5,10 @@ batch 8 × 32), the coordinator defending with panal's default (``DefenceConfig(
 trimmed mean cutting 25% from each end, tuned detection, quarantine at 2 rejections among
 the last 3 updates). A Byzantine pool is an ordinary pool with a ``node.policy`` policy.
 The attacks that change the update's direction or size are caught and both attackers are
-quarantined after their second update; ALIE and the backdoor are built to look honest and
-are not caught: for them the story is that their effect on the model stays bounded.
+quarantined after their second update; so is ALIE, by its spread alignment (every coordinate
+pushed the same way). The trigger-token backdoor looks honest but for the trigger's rows: its
+row ratio grows with every round it trains (8 → 12 → 15 here), so it is caught from its second
+update on and quarantined by the end, and its effect on the model stays bounded meanwhile.
 """
 
 import pytest
@@ -28,8 +30,7 @@ from node.policy import make_policy
 
 SIM = SimConfig(pools=8, rounds=3, inner_steps=3, batch=8, seq_len=32, n_layer=2, timing_repeats=1)
 BYZANTINE = (6, 7)
-CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip")
-LOOK_HONEST = ("alie", "backdoor")
+CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip", "alie")
 
 
 def run(attack: str):
@@ -65,11 +66,19 @@ def test_story_two_attackers_of_eight_are_rejected_then_quarantined(attack, clea
     assert res.final_val_loss <= 1.01 * clean.final_val_loss
 
 
-@pytest.mark.parametrize("attack", LOOK_HONEST)
-def test_story_an_attack_that_looks_honest_is_not_caught_but_its_effect_is_bounded(attack, clean):
-    res = run(attack)
+def test_story_a_backdoor_is_caught_by_its_trigger_rows_and_quarantined(clean):
+    res = run("backdoor")
+    first, later = res.rounds[0], res.rounds[1:]
+    assert not first.rejected  # one round of training on the trigger is not yet telling
+    for r in later:  # from then on both attackers, and only they, are rejected for the trigger's rows
+        assert set(r.rejected) == {"pool-6", "pool-7"} - {
+            p for p, q in res.quarantined.items() if q < r.round
+        }
+        for reasons in r.rejected.values():
+            assert any("layers.0.wte.weight[5" in why and "backdoor" in why for why in reasons), reasons
+    assert set(res.quarantined) == {"pool-6", "pool-7"}
     assert res.fp == 0
-    assert res.final_val_loss <= 1.05 * clean.final_val_loss
+    assert res.final_val_loss <= 1.01 * clean.final_val_loss
 
 
 def test_a_second_run_is_bit_identical(clean):

@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from coordinator.aggregation import AggregationConfig, aggregate
+from coordinator.defence import TUNED_DETECTION
 from coordinator.detection import (
     DetectionPolicy,
     Reputation,
+    RowBlock,
     UpdateScore,
     judge,
+    row_blocks,
     score_updates,
 )
 
@@ -114,7 +117,65 @@ def test_krum_scores_match_the_aggregation_rule():
 def test_scores_do_not_depend_on_the_chunk_size():
     ups = honest_pools(n=5, seed=4)
     agg = aggregate(ups, AggregationConfig(rule="median")).vector
-    assert score_updates(ups, agg, krum_f=1) == score_updates(ups, agg, krum_f=1, chunk=256)
+    rows = row_blocks({"a": torch.empty(16, 128), "b": torch.empty(2048)})  # D = 4096
+    once = score_updates(ups, agg, krum_f=1, rows=rows)
+    assert once == score_updates(ups, agg, krum_f=1, rows=rows, chunk=256)
+    assert all(s.row_ratio is not None and s.row.startswith("a[") for s in once)
+
+
+def test_spread_alignment_by_hand():
+    # a = 0, so the residuals are the updates; σ = mean |u| = (2/3, 2/3).
+    ups = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
+    s = score_updates(ups, torch.zeros(2))
+    assert [x.spread_alignment for x in s] == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 1.0])
+    assert [x.spread_shift for x in s] == pytest.approx([0.0, 0.0, 1 - 1 / math.sqrt(2)])
+    # Sign-test sd of the third: sqrt(Σ (r_j σ_j)²) / (‖r‖ ‖σ‖) = 1/√2.
+    assert s[2].spread_z == pytest.approx((1 - 1 / math.sqrt(2)) * math.sqrt(2))
+    # Two updates: no majority to differ from, the checks stay neutral.
+    two = score_updates(ups[:2], torch.zeros(2), rows=row_blocks({"w": torch.empty(1, 2)}))
+    assert [(x.spread_alignment, x.spread_z, x.row_ratio) for x in two] == [(0.0, 0.0, None)] * 2
+
+
+def test_row_blocks_follow_flatten_order():
+    like = {
+        "b.weight": torch.empty(3, 4),
+        "a.bias": torch.empty(5),
+        "c": torch.empty(2, 2, 2),
+        "a.w": torch.empty(2, 3),
+    }
+    assert row_blocks(like) == [RowBlock("a.w", 5, 2, 3), RowBlock("b.weight", 11, 3, 4)]
+
+
+def test_story_a_little_is_enough_is_caught_by_its_spread_alignment():
+    # ALIE as in Baruch et al.: the honest mean minus z times the honest per-coordinate spread.
+    honest = honest_pools(n=8, seed=5)
+    stack = torch.stack(honest)
+    alie = stack.mean(0) - 1.0 * stack.std(0)
+    updates = honest + [alie, alie.clone()]
+    verdicts = verdicts_for(updates, TUNED_DETECTION, rule="trimmed_mean")
+    assert [v.accepted for v in verdicts] == [True] * 8 + [False] * 2, [v.reasons for v in verdicts]
+    assert all("a little is enough" in " ".join(v.reasons) for v in verdicts[8:])
+    assert all(v.accepted for v in verdicts_for(honest, TUNED_DETECTION, rule="trimmed_mean"))
+
+
+def test_story_a_row_no_other_pool_moves_is_caught():
+    # 8 pools update a (64 × 64) embedding; pool 8 also moves row 60, which the others leave alone.
+    g = torch.Generator().manual_seed(6)
+    common = torch.randn(64, 64, generator=g)
+    common[56:] = 0.0  # rows no honest pool's data touches
+    honest = [(common + 0.3 * torch.randn(64, 64, generator=g)) * (common != 0) for _ in range(8)]
+    bad = honest[0].clone()
+    bad[60] = common[0]  # moved as far as an ordinary row
+    rows = row_blocks({"wte": common})
+    ups = [u.reshape(-1) for u in [*honest, bad]]
+    agg = aggregate(ups, AggregationConfig(rule="trimmed_mean")).vector
+    scores = score_updates(ups, agg, rows=rows)
+    # Row 60's median residual is 0, floored at a quarter of the typical row's: ≈ 14.
+    assert scores[8].row == "wte[60]" and scores[8].row_ratio > 12
+    assert max(s.row_ratio for s in scores[:8]) < 3
+    verdicts = judge(scores, TUNED_DETECTION)
+    assert [v.accepted for v in verdicts] == [True] * 8 + [False]
+    assert "row wte[60] moved 14." in verdicts[8].reasons[0] and "backdoor" in verdicts[8].reasons[0]
 
 
 def test_zero_medians_and_zero_aggregate():

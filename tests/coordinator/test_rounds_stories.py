@@ -349,6 +349,16 @@ def test_story_a_poisoning_pool_is_rejected_then_quarantined_then_readmitted(wor
         assert result.pools == ["pool-a", "pool-b"]
         (rejected,) = result.stages[0].rejected
         assert rejected.pool == "pool-c" and "rejected by detection" in rejected.reason and "cosine" in rejected.reason
+        # Every update's scores are in the result, the audit log and the metrics.
+        scores = {s.pool: s for s in result.stages[0].scores}
+        assert sorted(scores) == pools and [s.accepted for _, s in sorted(scores.items())] == [True, True, False]
+        assert scores["pool-c"].cosine < 0 < scores["pool-a"].cosine and scores["pool-a"].row_ratio > 0
+        events = world["running"].state.query("SELECT detail FROM audit WHERE kind='update_scored' AND round=?", (rnd,))
+        assert sorted(json.loads(e["detail"])["pool"] for e in events) == pools
+        sample = world["running"].coordinator.metrics.registry.get_sample_value(
+            "panal_update_score", {"pool": "pool-c", "stage": "0", "score": "cosine"}
+        )
+        assert sample == scores["pool-c"].cosine
     c = nodes["pool-c"]
     with pytest.raises(grpc.RpcError) as info:
         c.call("Heartbeat", pb.HeartbeatRequest())
