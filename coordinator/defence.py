@@ -160,7 +160,10 @@ def defend_stage(
     flats = [flatten(dict(d)) for d in deltas]  # R × (N,) float32
     first_config, notes = fit_rule(config.aggregation, len(flats))
     first = aggregate(flats, first_config)
-    scores = score_updates(flats, first.vector, rows=row_blocks(start), chunk=first_config.chunk)
+    krum_f = first_config.f if first_config.rule in ("krum", "multi_krum") else None
+    scores = score_updates(
+        flats, first.vector, krum_f=krum_f, rows=row_blocks(start), chunk=first_config.chunk
+    )
     verdicts = judge(scores, config.detection)
     keep = [v.index for v in verdicts if v.accepted]
     if not keep:

@@ -364,6 +364,7 @@ SCORE_FIELDS = (
     "spread_shift",
     "spread_z",
     "row_ratio",
+    "krum_score",
 )
 
 

@@ -274,7 +274,7 @@ class StageResult(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ..., start_weights_cid: _Optional[str] = ..., start_momentum_cid: _Optional[str] = ..., momentum_cid: _Optional[str] = ..., input_envelope_cids: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[UpdateScore, _Mapping]]] = ...) -> None: ...
 
 class UpdateScore(_message.Message):
-    __slots__ = ("update_id", "node_id", "pool", "accepted", "norm", "distance", "cosine", "norm_ratio", "distance_ratio", "spread_alignment", "spread_shift", "spread_z", "row_ratio", "row")
+    __slots__ = ("update_id", "node_id", "pool", "accepted", "norm", "distance", "cosine", "norm_ratio", "distance_ratio", "spread_alignment", "spread_shift", "spread_z", "row_ratio", "row", "krum_score")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,7 @@ class UpdateScore(_message.Message):
     SPREAD_Z_FIELD_NUMBER: _ClassVar[int]
     ROW_RATIO_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
+    KRUM_SCORE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     node_id: str
     pool: str
@@ -303,7 +304,8 @@ class UpdateScore(_message.Message):
     spread_z: float
     row_ratio: float
     row: str
-    def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., accepted: _Optional[bool] = ..., norm: _Optional[float] = ..., distance: _Optional[float] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., distance_ratio: _Optional[float] = ..., spread_alignment: _Optional[float] = ..., spread_shift: _Optional[float] = ..., spread_z: _Optional[float] = ..., row_ratio: _Optional[float] = ..., row: _Optional[str] = ...) -> None: ...
+    krum_score: float
+    def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., accepted: _Optional[bool] = ..., norm: _Optional[float] = ..., distance: _Optional[float] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., distance_ratio: _Optional[float] = ..., spread_alignment: _Optional[float] = ..., spread_shift: _Optional[float] = ..., spread_z: _Optional[float] = ..., row_ratio: _Optional[float] = ..., row: _Optional[str] = ..., krum_score: _Optional[float] = ...) -> None: ...
 
 class RejectedUpdate(_message.Message):
     __slots__ = ("update_id", "node_id", "pool", "stage", "reason")
