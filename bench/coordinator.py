@@ -57,6 +57,7 @@ import multiprocessing
 import os
 import random
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -721,14 +722,14 @@ def round_overhead(
         totals[1] - closes[1],
         closes[1],
         step_s,
-        f"micro-batch {micro_batch} x seq {seq} x accum {grad_accum}, mean of {steps} after {warmup}",
+        f"micro-batch {micro_batch} x seq {seq} x accum {grad_accum}, median of {steps} after {warmup}",
     )
 
 
 def inner_step_seconds(
     preset: str, micro_batch: int, seq: int, grad_accum: int, *, warmup: int, steps: int
 ) -> float:
-    """Mean seconds of one inner step of the real engine, after ``warmup`` steps."""
+    """Median seconds of one inner step of the real engine, after ``warmup`` steps."""
     import torch.distributed as tdist
 
     from model.engine import StageEngine, TrainConfig, World
@@ -751,10 +752,12 @@ def inner_step_seconds(
 
     for _ in range(warmup):  # the first steps of DeepSpeed on CPU are several times slower
         engine.train_step(batches())
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         engine.train_step(batches())
-    seconds = (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
     del engine
     if tdist.is_initialized():
         tdist.destroy_process_group()
@@ -765,7 +768,7 @@ def inner_step_seconds(
 
 
 # (micro-batch, seq, grad accumulation, warm-up steps, timed steps) of the inner steps per preset
-INNER = {"tiny": (4, 64, 2, 3, 10), "125m": (1, 128, 1, 1, 2)}
+INNER = {"tiny": (4, 64, 2, 3, 10), "125m": (1, 128, 1, 2, 5)}
 
 
 def print_load(rows: list[Row], hb_base: float, up_base: float, ns: list[int], args: Any) -> None:

@@ -37,7 +37,7 @@ only when two different updates tie exactly.
 Memory, with C the chunk (default 2^20 elements), N the stage size and R the
 number of updates: inputs are read in place (numpy views of the caller's
 tensors), the output is (N,) float32. Every rule first makes one pass for the
-norms (finiteness check and clipping), then holds one (R, C) float64 block at a
+norms when clipping is asked for (else a float32 finiteness check), then holds one (R, C) float64 block at a
 time plus at most as much scratch: peak ≈ 2 · 8·R·C bytes (128 MiB for R = 8).
 Per rule: mean, median, trimmed mean: one more pass, the block sorted in place.
 Krum, multi-Krum: a distance pass (one (C,) difference at a time, an (R, R)
@@ -100,12 +100,14 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor | TensorSpec])
 
 def tree_sum(x: np.ndarray) -> np.ndarray:
     """Sum the last axis of float64 ``x`` (..., c) as a pairwise tree, zero-padded to a power of two."""
-    c = x.shape[-1]
-    width = 1 << max(0, (c - 1).bit_length())
-    if width != c:
-        x = np.concatenate([x, np.zeros((*x.shape[:-1], width - c))], axis=-1)
+    # Without the padding: an odd element out is carried up a level instead of added to a
+    # zero, which is the same number (up to the sign of a zero, made + at the end).
+    if x.shape[-1] == 0:
+        return np.zeros(x.shape[:-1])
     while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]  # elementwise: the same bits on any machine
+        c = x.shape[-1]
+        pairs = x[..., 0 : c - 1 : 2] + x[..., 1:c:2]  # elementwise: the same bits on any machine
+        x = np.concatenate([pairs, x[..., c - 1 :]], axis=-1) if c % 2 else pairs
     return x[..., 0] + 0.0  # (...,); + 0.0 turns a −0.0 total into +0.0
 
 
@@ -185,6 +187,10 @@ class UpdateStack:
 def _check_chunk(chunk: int) -> None:
     if not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise AggregationError(f"chunk must be a positive power of two, got {chunk!r}")
+
+
+def _all_finite(arr: np.ndarray, chunk: int) -> bool:
+    return all(bool(np.isfinite(arr[a : a + chunk]).all()) for a in range(0, arr.size, chunk))
 
 
 def sq_norms(stack: UpdateStack) -> np.ndarray:
@@ -352,7 +358,7 @@ class AggregateResult:
     # Weight of each update when the aggregate is a weighted mean of (clipped) updates
     # (mean, krum, multi_krum); None for coordinate-wise rules and centered clipping.
     weights: tuple[float, ...] | None
-    norms: tuple[float, ...]  # ‖u_i‖ as sent, before clipping
+    norms: tuple[float, ...]  # ‖u_i‖ as sent, before clipping; () when no clipping was asked for
     clip_factors: tuple[float, ...]  # factor each update was scaled by before the rule (1.0: untouched)
     scores: tuple[float, ...] | None = None  # Krum scores, lower is more central
     info: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
@@ -523,12 +529,16 @@ def aggregate(
     non-finite updates, mismatched sizes or too few updates for the rule.
     """
     raw = UpdateStack(updates, chunk=config.chunk)
-    sq = sq_norms(raw)  # one pass; finite iff every value is (float32² summed cannot overflow float64)
-    bad = [i for i, s in enumerate(sq) if not math.isfinite(s)]
+    if config.clip.mode == "none":  # no norms needed: a float32 finiteness check is enough, and cheaper
+        bad = [i for i, arr in enumerate(raw.arrays) if not _all_finite(arr, raw.chunk)]
+        norms: list[float] = []
+    else:  # one pass; finite iff every value is (float32² summed cannot overflow float64)
+        sq = sq_norms(raw)
+        bad = [i for i, s in enumerate(sq) if not math.isfinite(s)]
+        norms = [math.sqrt(s) if math.isfinite(s) else math.inf for s in sq]
     if bad:
         raise AggregationError(f"updates {bad} hold NaN or infinite values; reject them before aggregating")
-    norms = [math.sqrt(s) for s in sq]
-    factors = clip_factors(norms, config.clip)
+    factors = clip_factors(norms, config.clip) if norms else [1.0] * raw.r
     stack = UpdateStack(updates, chunk=config.chunk, factors=factors)
     out = RULES[config.rule](stack, config, center)
     return AggregateResult(

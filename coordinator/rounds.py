@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,12 +81,17 @@ class RoundCloser:
             return kept
         return tensors.load(self.c.store.get_bytes(cid, max_bytes=WEIGHT_LIMITS.max_bytes), WEIGHT_LIMITS)
 
-    def _put(self, value: dict[str, torch.Tensor]) -> str:
-        """Store new weights or momentum; keep them (and their spec) for the next round."""
-        cid = str(self.c.store.put_chunks(tensors.dump_parts(value), pin=True))
-        self.kept.put(cid, "tensors", value)
-        self._specs[cid] = tensors.spec_of(value)
-        return cid
+    def _put_all(self, values: list[dict[str, torch.Tensor]]) -> list[str]:
+        """Store new weights and momenta, two at a time (hashing and file I/O let go of the GIL);
+        keep them (and their specs) for the next round."""
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="panal-put") as pool:
+            cids = list(
+                pool.map(lambda v: str(self.c.store.put_chunks(tensors.dump_parts(v), pin=True)), values)
+            )
+        for cid, value in zip(cids, values, strict=True):
+            self.kept.put(cid, "tensors", value)
+            self._specs[cid] = tensors.spec_of(value)
+        return cids
 
     def keep_delta(self, cid: str, method: str, delta: Tensors) -> None:
         """An accepted update's pseudo-gradient, as ``load_update`` checked and decompressed it."""
@@ -172,9 +178,10 @@ class RoundCloser:
         new_cids, new_momentum = dict(start_cids), dict(momentum_cids)
         if ok:
             self.kept.clear()  # this round's deltas and start weights are done with
-            for s, out in outcomes.items():
-                new_cids[str(s)] = self._put(out.weights)
-                new_momentum[str(s)] = self._put(out.momentum)
+            stages = sorted(outcomes)
+            cids = self._put_all([v for s in stages for v in (outcomes[s].weights, outcomes[s].momentum)])
+            for i, s in enumerate(stages):
+                new_cids[str(s)], new_momentum[str(s)] = cids[2 * i], cids[2 * i + 1]
         reasons = {u["update_id"]: u["reason"] for u in updates if u["status"] == "rejected"} | detected
         stage_results = [
             pb.StageResult(

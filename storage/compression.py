@@ -43,6 +43,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 
 from protocol.errors import MalformedMessage
@@ -97,6 +98,10 @@ def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def _all_finite(flat: torch.Tensor) -> bool:
+    # numpy's isfinite is ~8x faster than torch's on one CPU thread; numpy has no bfloat16.
+    if flat.dtype in (torch.float32, torch.float16, torch.float64) and flat.device.type == "cpu":
+        v = flat.detach().numpy()
+        return all(bool(np.isfinite(v[a:b]).all()) for a, b in _spans(flat.numel(), _STEP))
     return all(bool(torch.isfinite(flat[a:b]).all()) for a, b in _spans(flat.numel(), _STEP))
 
 
@@ -199,9 +204,13 @@ def expected_spec(
 
 
 def decompress(
-    tensors: Mapping[str, torch.Tensor], method: str, *, block: int = DEFAULT_BLOCK
+    tensors: Mapping[str, torch.Tensor], method: str, *, block: int = DEFAULT_BLOCK, copy: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Validate a compressed update from outside and return name → float32 tensor, names sorted."""
+    """Validate a compressed update from outside and return name → float32 tensor, names sorted.
+
+    ``copy=False``: with method "none" the float32 tensors given are returned as they are
+    (for a caller that owns them, such as one that has just loaded them).
+    """
     _check_method(method)
     _check_block(block)
     for name, t in tensors.items():
@@ -221,7 +230,8 @@ def decompress(
     for name in bases:
         t = tensors[name].detach().to("cpu")
         if method == "none":
-            out[name] = _checked_float(name, t, torch.float32).clone()
+            checked = _checked_float(name, t, torch.float32)
+            out[name] = checked.clone() if copy else checked
         elif method == "fp16":
             out[name] = _checked_float(name, t, torch.float16).to(torch.float32)
         else:
