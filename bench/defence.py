@@ -64,6 +64,9 @@ def run_cell(job: tuple[str, str, int, dict]) -> dict:
     rule, attack, k, sim_args = job
     sim_args = dict(sim_args)
     detection = DetectionPolicy() if sim_args.pop("detection") == "default" else TUNED_DETECTION
+    row_ratio = sim_args.pop("row_ratio")
+    if row_ratio is not None:  # the opt-in row check (off in TUNED_DETECTION: see coordinator/defence.py)
+        detection = detection.model_copy(update={"max_row_ratio": row_ratio})
     sim = SimConfig(**sim_args)
     pools = sim.pools
 
@@ -134,6 +137,9 @@ def main() -> None:
         default="tuned",
         help="coordinator.defence.TUNED_DETECTION (default) or DetectionPolicy()'s own defaults",
     )
+    ap.add_argument(
+        "--row-ratio", type=float, default=None, help="also reject row ratios above this (off by default)"
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--csv", default=str(Path(__file__).with_suffix(".csv")))
     args = ap.parse_args()
@@ -160,6 +166,7 @@ def main() -> None:
         "inner_steps": args.inner_steps,
         "seed": args.seed,
         "detection": args.detection,
+        "row_ratio": args.row_ratio,
     }
     ks = sorted({byzantine_count(f, args.pools) for f in fractions} - {0})
     jobs = [(r, "honest", 0, sim) for r in rules] + [

@@ -60,10 +60,11 @@ Tensors = dict[str, torch.Tensor]
 # distance ratio ≤ 1.1, a spread shift within ±0.05 and a row ratio ≤ 7.6 (first round; ≤ 4 after);
 # an update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
 # ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.2; a
-# trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after.
-TUNED_DETECTION = DetectionPolicy(
-    min_cosine=0.3, max_distance_ratio=2.0, max_spread_shift=0.1, max_row_ratio=10.0
-)
+# trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after. The row check
+# stays off: on the demo corpus honest pools score 236–259 (a rare token that only one pool's
+# shard holds moves a row nobody else moves), so it is for jobs whose pools share a vocabulary's
+# every token; set detection.max_row_ratio (10 in bench/defence.py --row-ratio 10) to use it.
+TUNED_DETECTION = DetectionPolicy(min_cosine=0.3, max_distance_ratio=2.0, max_spread_shift=0.1)
 DEFAULT_RULE: Rule = "trimmed_mean"
 
 

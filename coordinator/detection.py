@@ -255,7 +255,10 @@ class DetectionPolicy(BaseModel):
       A spread shift is rejected only when it is also ``min_spread_z`` (20) standard
       deviations of a sign test off the median: with few parameters honest alignments
       scatter widely (±0.16 at 512 parameters, z within ±3), with many they cluster
-      (±0.05 at 266 k, z within ±14); ALIE sits at z ≈ −65 there.
+      (±0.05 at 266 k, z within ±14); ALIE sits at z ≈ −65 there. And only among
+      ``min_spread_updates`` (8) or more updates: with fewer the aggregate is close to
+      a median of them, which gives honest residuals a sign pattern of their own (z up
+      to 72 among 3 pools of the demo corpus).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -266,6 +269,7 @@ class DetectionPolicy(BaseModel):
     max_distance_ratio: float = Field(default=3.0, gt=1)
     max_spread_shift: float | None = Field(default=None, gt=0, le=2)
     min_spread_z: float = Field(default=20.0, gt=0)
+    min_spread_updates: int = Field(default=8, ge=3)
     max_row_ratio: float | None = Field(default=None, gt=1)
 
 
@@ -277,7 +281,8 @@ class Verdict:
 
 
 def judge(scores: Sequence[UpdateScore], policy: DetectionPolicy) -> list[Verdict]:
-    """One verdict per score: rejected with every reason that applies, or accepted."""
+    """One verdict per score (all the updates of one stage): rejected with every reason that applies, or accepted."""
+    spread_check = policy.max_spread_shift is not None and len(scores) >= policy.min_spread_updates
     verdicts = []
     for s in scores:
         reasons: list[str] = []
@@ -303,7 +308,8 @@ def judge(scores: Sequence[UpdateScore], policy: DetectionPolicy) -> list[Verdic
                     f"distance, above the limit {policy.max_distance_ratio:.1f}×"
                 )
             if (
-                policy.max_spread_shift is not None
+                spread_check
+                and policy.max_spread_shift is not None
                 and abs(s.spread_shift) > policy.max_spread_shift
                 and abs(s.spread_z) > policy.min_spread_z
             ):

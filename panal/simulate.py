@@ -10,6 +10,7 @@ updates accepted and rejected (with reasons), the final checkpoint CID.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -397,8 +398,11 @@ class Simulation:
 
 
 def simulate(opts: SimulateOptions) -> dict[str, Any]:
-    from storage.stores import open_store
+    from storage.stores import default_url, open_store
 
+    # One store for everything: the corpus is prepared into it, and the coordinator and the
+    # nodes must read it from the same place ($PANAL_STORE or local:~/.panal/store by default).
+    opts = dataclasses.replace(opts, store=opts.store or default_url())
     sim = Simulation(opts)
     store = open_store(opts.store)
     dataset = opts.dataset or _demo_dataset(store)

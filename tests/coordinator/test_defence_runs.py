@@ -6,9 +6,9 @@ trimmed mean cutting 25% from each end, tuned detection, quarantine at 2 rejecti
 the last 3 updates). A Byzantine pool is an ordinary pool with a ``node.policy`` policy.
 The attacks that change the update's direction or size are caught and both attackers are
 quarantined after their second update; so is ALIE, by its spread alignment (every coordinate
-pushed the same way). The trigger-token backdoor looks honest but for the trigger's rows: its
-row ratio grows with every round it trains (8 → 12 → 15 here), so it is caught from its second
-update on and quarantined by the end, and its effect on the model stays bounded meanwhile.
+pushed the same way). The trigger-token backdoor looks honest but for the trigger's rows: the
+default does not catch it and bounds its effect; with the opt-in row check its row ratio grows
+with every round it trains (8 → 12 → 15 here), so it is caught from its second update on.
 """
 
 import pytest
@@ -33,13 +33,13 @@ BYZANTINE = (6, 7)
 CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip", "alie")
 
 
-def run(attack: str):
+def run(attack: str, defence: DefenceConfig = DefenceConfig()):
     extra = {"vocab_size": 512} if attack in ("label_flip", "backdoor") else {}
     policies = {
         p: make_policy(attack, seed=p, n_pools=SIM.pools, n_byzantine=len(BYZANTINE), **extra)
         for p in BYZANTINE
     }
-    return simulate(SIM, DefenceConfig(), policies)
+    return simulate(SIM, defence, policies)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,15 @@ def test_story_two_attackers_of_eight_are_rejected_then_quarantined(attack, clea
     assert res.final_val_loss <= 1.01 * clean.final_val_loss
 
 
-def test_story_a_backdoor_is_caught_by_its_trigger_rows_and_quarantined(clean):
+def test_story_the_default_does_not_catch_a_backdoor_but_bounds_it(clean):
     res = run("backdoor")
+    assert res.tp == 0 and res.fp == 0 and not res.quarantined
+    assert res.final_val_loss <= 1.01 * clean.final_val_loss
+
+
+def test_story_the_opt_in_row_check_catches_a_backdoor_by_its_trigger_rows(clean):
+    rows = DefenceConfig().detection.model_copy(update={"max_row_ratio": 10.0})
+    res = run("backdoor", DefenceConfig(detection=rows))
     first, later = res.rounds[0], res.rounds[1:]
     assert not first.rejected  # one round of training on the trigger is not yet telling
     for r in later:  # from then on both attackers, and only they, are rejected for the trigger's rows

@@ -156,6 +156,9 @@ def test_story_a_little_is_enough_is_caught_by_its_spread_alignment():
     assert [v.accepted for v in verdicts] == [True] * 8 + [False] * 2, [v.reasons for v in verdicts]
     assert all("a little is enough" in " ".join(v.reasons) for v in verdicts[8:])
     assert all(v.accepted for v in verdicts_for(honest, TUNED_DETECTION, rule="trimmed_mean"))
+    # With fewer than min_spread_updates (8) updates the spread check stays quiet.
+    few = verdicts_for(honest[:5] + [alie, alie.clone()], TUNED_DETECTION, rule="trimmed_mean")
+    assert not any("a little is enough" in " ".join(v.reasons) for v in few)
 
 
 def test_story_a_row_no_other_pool_moves_is_caught():
@@ -173,7 +176,8 @@ def test_story_a_row_no_other_pool_moves_is_caught():
     # Row 60's median residual is 0, floored at a quarter of the typical row's: ≈ 14.
     assert scores[8].row == "wte[60]" and scores[8].row_ratio > 12
     assert max(s.row_ratio for s in scores[:8]) < 3
-    verdicts = judge(scores, TUNED_DETECTION)
+    assert all(v.accepted for v in judge(scores, TUNED_DETECTION))  # the row check is opt-in
+    verdicts = judge(scores, TUNED_DETECTION.model_copy(update={"max_row_ratio": 10.0}))
     assert [v.accepted for v in verdicts] == [True] * 8 + [False]
     assert "row wte[60] moved 14." in verdicts[8].reasons[0] and "backdoor" in verdicts[8].reasons[0]
 
