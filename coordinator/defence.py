@@ -162,9 +162,9 @@ def defend_stage(
     first_config, notes = fit_rule(config.aggregation, len(flats))
     first = aggregate(flats, first_config)
     krum_f = first_config.f if first_config.rule in ("krum", "multi_krum") else None
-    scores = score_updates(
-        flats, first.vector, krum_f=krum_f, rows=row_blocks(start), chunk=first_config.chunk
-    )
+    # The row pass costs a pass over the updates: only when the (opt-in) row check will use it.
+    rows = row_blocks(start) if config.detection.max_row_ratio is not None else []
+    scores = score_updates(flats, first.vector, krum_f=krum_f, rows=rows, chunk=first_config.chunk)
     verdicts = judge(scores, config.detection)
     keep = [v.index for v in verdicts if v.accepted]
     if not keep:
