@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -61,7 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -537,6 +538,20 @@ def load_at(n: int, seconds: float, update_period: float) -> tuple[list[Row], in
             )
 
 
+@contextlib.contextmanager
+def echo_server() -> Iterator[tuple[int, bytes, Any, int]]:
+    """The bare gRPC echo server in its own process: (port, CA PEM, client cert, pid) while in use."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=serve_echo, args=(child,), daemon=True)
+    proc.start()
+    try:
+        yield parent.recv()
+    finally:
+        parent.send("stop")
+        proc.join(30)
+
+
 def echo_paced(n: int, seconds: float) -> Row:
     """The heartbeats window against the bare gRPC echo server: n connections, one call a second each.
 
@@ -544,13 +559,8 @@ def echo_paced(n: int, seconds: float) -> Row:
     in Python alone (mTLS, one connection per node, the client in this process), with no
     envelope checks and no coordinator.
     """
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=serve_echo, args=(child,), daemon=True)
-    proc.start()
-    port, ca_pem, client, pid = parent.recv()
 
-    async def go() -> Row:
+    async def go(port: int, ca_pem: bytes, client: Any, pid: int) -> Row:
         creds = tls.channel_credentials(ca_pem, client)
         channels = [
             grpc.aio.secure_channel(f"localhost:{port}", creds, options=channel_options()) for _ in range(n)
@@ -590,11 +600,8 @@ def echo_paced(n: int, seconds: float) -> Row:
             float("nan"),
         )
 
-    try:
-        return asyncio.run(go())
-    finally:
-        parent.send("stop")
-        proc.join(30)
+    with echo_server() as server:
+        return asyncio.run(go(*server))
 
 
 def echo_capacity(n: int, seconds: float) -> Row:
@@ -602,13 +609,8 @@ def echo_capacity(n: int, seconds: float) -> Row:
 
     Measured right after the coordinator's run at ``n`` nodes, so that both see the same machine.
     """
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=serve_echo, args=(child,), daemon=True)
-    proc.start()
-    port, ca_pem, client, pid = parent.recv()
 
-    async def go() -> Row:
+    async def go(port: int, ca_pem: bytes, client: Any, pid: int) -> Row:
         creds = tls.channel_credentials(ca_pem, client)
         channels = [
             grpc.aio.secure_channel(f"localhost:{port}", creds, options=channel_options())
@@ -638,11 +640,8 @@ def echo_capacity(n: int, seconds: float) -> Row:
             n, what, None, len(lat) / dt, percentile(lat, 0.5), percentile(lat, 0.99), 0, *cpu, float("nan")
         )
 
-    try:
-        return asyncio.run(go())
-    finally:
-        parent.send("stop")
-        proc.join(30)
+    with echo_server() as server:
+        return asyncio.run(go(*server))
 
 
 def baselines() -> tuple[float, float]:

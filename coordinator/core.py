@@ -595,14 +595,13 @@ class Coordinator:
             job = self.running_job()
             timeout_ms = int(self.settings.heartbeat_timeout_s * 1000)
             for node in self.state.silent_nodes(timeout_ms):
-                if node.state == "active" and now_ms() - node.last_heartbeat_ms > timeout_ms:
-                    self.state.set_node_state(node.node_id, "lost")
-                    self.state.audit(
-                        "node_lost", node_id=node.node_id, silent_ms=now_ms() - node.last_heartbeat_ms
-                    )
-                    log.warning("node %s of pool %s lost (no heartbeat)", node.node_id[:8], node.pool)
-                    if job is not None and job["state"] == "running":
-                        self._replace(job, node, "lost: no heartbeat")
+                self.state.set_node_state(node.node_id, "lost")
+                self.state.audit(
+                    "node_lost", node_id=node.node_id, silent_ms=now_ms() - node.last_heartbeat_ms
+                )
+                log.warning("node %s of pool %s lost (no heartbeat)", node.node_id[:8], node.pool)
+                if job is not None and job["state"] == "running":
+                    self._replace(job, node, "lost: no heartbeat")
             if job is None:
                 return
             if job["state"] == "waiting":

@@ -204,12 +204,15 @@ class State:
         return self._node(row) if row else None
 
     def nodes(self, *, pool: str | None = None) -> list[Node]:
+        return [self._node(r) for r in self._node_rows(pool)]
+
+    def _node_rows(self, pool: str | None) -> list[sqlite3.Row]:
         def load() -> list[sqlite3.Row]:
             if pool is None:
                 return self.query("SELECT * FROM nodes ORDER BY pool, node_id")
             return self.query("SELECT * FROM nodes WHERE pool=? ORDER BY node_id", (pool,))
 
-        return [self._node(r) for r in self.cached(("nodes", pool), ("nodes",), load)]
+        return self.cached(("nodes", pool), ("nodes",), load)
 
     def _node(self, row: sqlite3.Row) -> Node:
         beat, status = self._heartbeats.get(row["node_id"], (row["last_heartbeat_ms"] or 0, None))
@@ -228,15 +231,11 @@ class State:
 
     def silent_nodes(self, older_than_ms: int) -> list[Node]:
         """Active nodes whose last heartbeat is older than ``older_than_ms`` (a tick, every half second)."""
-
-        def load() -> list[sqlite3.Row]:
-            return self.query("SELECT * FROM nodes ORDER BY pool, node_id")
-
         now = now_ms()
         beats = self._heartbeats
         return [
             self._node(r)
-            for r in self.cached(("nodes", None), ("nodes",), load)
+            for r in self._node_rows(None)
             if r["state"] == "active"
             and now - beats.get(r["node_id"], (r["last_heartbeat_ms"] or 0, None))[0] > older_than_ms
         ]

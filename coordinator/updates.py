@@ -66,17 +66,20 @@ def load_update(
         raise IntegrityError(
             f"update blob is {len(data)} bytes; the signed request says {request.blob_bytes}"
         )
+
+    def check_signed_digest(digest: bytes) -> None:
+        if digest != request.blob_sha256:
+            raise IntegrityError("update blob's SHA-256 does not match the one in the signed request")
+
     if len(data) <= 4 << 20:  # small: a helper thread would cost more than the hash
-        if sha256(data) != request.blob_sha256:
-            raise IntegrityError("update blob's SHA-256 does not match the one in the signed request")
+        check_signed_digest(sha256(data))
         return _checked_delta(data, limit, weights_spec, method)
-    # Large: the SHA-256 the node signed is hashed in a helper thread (hashlib lets go of the GIL)
-    # while the blob is parsed and checked, and compared before anything is returned.
+    # Large: hashed in a helper thread (hashlib lets go of the GIL) while the blob is parsed and
+    # checked, and compared before anything is returned.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="panal-sha") as pool:
-        digest = pool.submit(sha256, data)
+        pending = pool.submit(sha256, data)
         delta = _checked_delta(data, limit, weights_spec, method)
-        if digest.result() != request.blob_sha256:
-            raise IntegrityError("update blob's SHA-256 does not match the one in the signed request")
+        check_signed_digest(pending.result())
     return delta
 
 
