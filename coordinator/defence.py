@@ -57,9 +57,12 @@ Tensors = dict[str, torch.Tensor]
 
 # Detection thresholds tuned on bench/defence.py (the DetectionPolicy defaults are 0.0 and 3.0,
 # and no spread or row check). Honest pools there have cosine ≥ 0.8 to the robust aggregate, a
-# distance ratio ≤ 1.1, a spread shift within ±0.05 and a row ratio ≤ 7.6 (first round; ≤ 4 after);
+# distance ratio ≤ 1.1, a spread shift within ±0.05 (±0.11 in early rounds on the demo corpus,
+# whose pools' shards differ; within ±2.9 robust sd on both) and a row ratio ≤ 7.6 (first round;
+# ≤ 4 after);
 # an update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
-# ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.2; a
+# ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.22 (5.9 to
+# 79 robust sd), with 2 of 8 on the demo corpus at −0.39 to −0.47 (5.4 to 7.0 robust sd); a
 # trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after. The row check
 # stays off: on the demo corpus honest pools score 236–259 (a rare token that only one pool's
 # shard holds moves a row nobody else moves), so it is for jobs whose pools share a vocabulary's

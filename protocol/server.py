@@ -59,9 +59,14 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self.authorize = authorize
         self.require_client_certificate = require_client_certificate
         self.methods = methods
+        # method -> (the servicer's handler, its wrapped handler): built once, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
+        hit = self._wrapped.get(details.method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
         spec = self.methods.get(details.method)
         if handler is None or spec is None or handler.unary_unary is None:
             return handler
@@ -81,9 +86,11 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         # request_deserializer=None: the interceptor parses, so a malformed
         # request gets a clear INVALID_ARGUMENT instead of gRPC's INTERNAL.
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     def verify(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Verified:
         if len(raw) > spec.max_request_bytes:

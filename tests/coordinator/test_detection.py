@@ -9,6 +9,7 @@ DiLoCo pseudo-gradients after H inner steps, whose pools agree more.
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -129,8 +130,13 @@ def test_spread_alignment_by_hand():
     s = score_updates(ups, torch.zeros(2))
     assert [x.spread_alignment for x in s] == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 1.0])
     assert [x.spread_shift for x in s] == pytest.approx([0.0, 0.0, 1 - 1 / math.sqrt(2)])
-    # Sign-test sd of the third: sqrt(Σ (r_j σ_j)²) / (‖r‖ ‖σ‖) = 1/√2.
-    assert s[2].spread_z == pytest.approx((1 - 1 / math.sqrt(2)) * math.sqrt(2))
+    # Two of the three shifts are 0, so their robust scale is 0: zero is typical, the third is not.
+    assert [x.spread_z for x in s] == [0.0, 0.0, math.inf]
+    # With a scale: each shift over 1.4826 × the median absolute shift.
+    more = score_updates(honest_pools(n=9, seed=5), torch.zeros(D))
+    shifts = [x.spread_shift for x in more]
+    sd = 1.4826 * statistics.median(abs(x) for x in shifts)
+    assert [x.spread_z for x in more] == pytest.approx([x / sd for x in shifts])
     # Two updates: no majority to differ from, the checks stay neutral.
     two = score_updates(ups[:2], torch.zeros(2), rows=row_blocks({"w": torch.empty(1, 2)}))
     assert [(x.spread_alignment, x.spread_z, x.row_ratio) for x in two] == [(0.0, 0.0, None)] * 2
@@ -159,6 +165,25 @@ def test_story_a_little_is_enough_is_caught_by_its_spread_alignment():
     # With fewer than min_spread_updates (8) updates the spread check stays quiet.
     few = verdicts_for(honest[:5] + [alie, alie.clone()], TUNED_DETECTION, rule="trimmed_mean")
     assert not any("a little is enough" in " ".join(v.reasons) for v in few)
+
+
+def test_a_large_shift_in_a_round_of_large_shifts_is_not_alie():
+    # Round 1 of `panal simulate --pools 8 --stages 1` on the demo corpus: honest pools' shards
+    # differ, and early in training their shifts scatter up to ±0.11; the judge looks at both
+    # the shift and how far out it lies among the round's shifts.
+    shifts = [-0.108, -0.072, 0.029, -0.015, 0.015, -0.041, 0.033, 0.028]
+
+    def scores(xs):
+        sd = 1.4826 * statistics.median(abs(s) for s in xs)
+        return [
+            UpdateScore(i, 1.0, 1.0, 0.8, 1.0, 1.0, None, spread_shift=s, spread_z=s / sd)
+            for i, s in enumerate(xs)
+        ]
+
+    assert all(v.accepted for v in judge(scores(shifts), TUNED_DETECTION))
+    # The same round with two pools sent ALIE (shifts as measured for it there, about −0.4).
+    alie = judge(scores(shifts[:6] + [-0.42, -0.39]), TUNED_DETECTION)
+    assert [v.accepted for v in alie] == [True] * 6 + [False] * 2
 
 
 def test_story_a_row_no_other_pool_moves_is_caught():
