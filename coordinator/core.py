@@ -228,7 +228,7 @@ class Coordinator:
 
     def submit_job(self, spec_yaml: str) -> str:
         spec = parse_job(spec_yaml)
-        dataset = self._dataset(spec)
+        dataset = self.dataset(spec)
         config = spec.gpt_config()
         if dataset.vocab_size > config.vocab_size:
             raise JobSpecError(
@@ -256,7 +256,7 @@ class Coordinator:
         self.tick()
         return spec.name
 
-    def _dataset(self, spec: JobSpec) -> DatasetManifest:
+    def dataset(self, spec: JobSpec) -> DatasetManifest:
         signed = manifest.verify(self.store.get_bytes(spec.dataset, max_bytes=manifest.MAX_MANIFEST_BYTES))
         if not isinstance(signed.body, DatasetManifest):
             raise JobSpecError(
@@ -333,7 +333,7 @@ class Coordinator:
             for n in nodes
             if n.state == "active" and n.pool in spec.pools
         ]
-        dataset = self._dataset(spec)
+        dataset = self.dataset(spec)
         train = [s.cid for s in dataset.shards if s.split == "train"]
         return place(
             config=config,

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +45,7 @@ from coordinator.detection import (
     DetectionPolicy,
     Reputation,
     UpdateScore,
+    absent_tokens,
     judge,
     row_blocks,
     score_updates,
@@ -51,6 +53,7 @@ from coordinator.detection import (
 from coordinator.outer import OuterOptimizer, outer_step
 from model.gpt import GPT, loss_fn
 from model.presets import get_preset
+from model.stage import token_row_names
 
 Tensors = dict[str, torch.Tensor]
 
@@ -63,11 +66,15 @@ Tensors = dict[str, torch.Tensor]
 # an update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
 # ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.22 (5.9 to
 # 79 robust sd), with 2 of 8 on the demo corpus at −0.39 to −0.47 (5.4 to 7.0 robust sd); a
-# trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after. The row check
-# stays off: on the demo corpus honest pools score 236–259 (a rare token that only one pool's
-# shard holds moves a row nobody else moves), so it is for jobs whose pools share a vocabulary's
-# every token; set detection.max_row_ratio (10 in bench/defence.py --row-ratio 10) to use it.
-TUNED_DETECTION = DetectionPolicy(min_cosine=0.3, max_distance_ratio=2.0, max_spread_shift=0.1)
+# trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after, and at an
+# absent-row ratio of 14–110 (honest pools ≤ 1.9 there, ≤ 2.7 on the demo corpus). The row check
+# stays off: on the demo corpus, 8 pools, honest pools score up to 15 (a rare token that only one
+# pool's shard holds moves a row nobody else moves) and a backdoor's trigger rows 10–16, so it
+# is for jobs whose pools share a vocabulary's every token; set detection.max_row_ratio (10 in
+# bench/defence.py --row-ratio 10) to use it.
+TUNED_DETECTION = DetectionPolicy(
+    min_cosine=0.3, max_distance_ratio=2.0, max_spread_shift=0.1, max_absent_row_ratio=5.0
+)
 DEFAULT_RULE: Rule = "trimmed_mean"
 
 
@@ -153,11 +160,14 @@ def defend_stage(
     ids: Sequence[str],
     *,
     outer: OuterOptimizer,
+    absent: Sequence[np.ndarray | None] | None = None,
 ) -> StageDefence:
     """One stage's round: aggregate, judge, re-aggregate the accepted updates, outer step.
 
     ``deltas[i]`` is the FP32 update (name → tensor, the names of ``start``) sent by
-    ``ids[i]``. Raises ``AggregationError`` when no update is left to aggregate.
+    ``ids[i]``; ``absent[i]``, if given, marks the token ids its pool's data does not
+    contain (:func:`absent_tokens`), for the absent-row check. Raises ``AggregationError``
+    when no update is left to aggregate.
     """
     if len(deltas) != len(ids) or len(set(ids)) != len(ids):
         raise ValueError(f"{len(deltas)} updates need as many distinct ids, got {list(ids)}")
@@ -165,9 +175,19 @@ def defend_stage(
     first_config, notes = fit_rule(config.aggregation, len(flats))
     first = aggregate(flats, first_config)
     krum_f = first_config.f if first_config.rule in ("krum", "multi_krum") else None
-    # The row pass costs a pass over the updates: only when the (opt-in) row check will use it.
+    # The row passes cost a pass over the 2-D tensors: only when a check will use them.
     rows = row_blocks(start) if config.detection.max_row_ratio is not None else []
-    scores = score_updates(flats, first.vector, krum_f=krum_f, rows=rows, chunk=first_config.chunk)
+    check_absent = config.detection.max_absent_row_ratio is not None and absent is not None
+    tokens = row_blocks(start, token_row_names(start)) if check_absent else []
+    scores = score_updates(
+        flats,
+        first.vector,
+        krum_f=krum_f,
+        rows=rows,
+        tokens=tokens,
+        absent=absent if check_absent else None,
+        chunk=first_config.chunk,
+    )
     verdicts = judge(scores, config.detection)
     keep = [v.index for v in verdicts if v.accepted]
     if not keep:
@@ -364,6 +384,8 @@ class _Pool:
     def __init__(self, index: int, model: GPT, lr: float, policy: PoolPolicy | None) -> None:
         self.index, self.model, self.policy = index, model, policy
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+        # The tokens of the data it was given (before any poisoning): what its shards hold.
+        self.given = np.zeros(model.config.vocab_size, dtype=bool)
 
     def train_round(self, weights: Tensors, round: int, sim: SimConfig, stream: MarkovStream) -> Tensors:
         """H inner steps from ``weights``; the update it sends (its policy applied)."""
@@ -371,6 +393,7 @@ class _Pool:
         for i in range(sim.inner_steps):
             step = round * sim.inner_steps + i
             x, y = stream.batch(_seed(sim.seed, self.index, step), sim.batch, sim.seq_len)
+            self.given |= ~absent_tokens([x, y], len(self.given))
             if self.policy is not None:
                 x, y = self.policy.poison_batch(x, y, step)
             self.opt.zero_grad(set_to_none=True)
@@ -388,6 +411,7 @@ def _timed_defence(
     defence: DefenceConfig,
     ids: list[str],
     sim: SimConfig,
+    absent: list[np.ndarray],
 ) -> tuple[StageDefence | None, tuple[str, ...], float, float]:
     """(outcome or None if every update was rejected, notes, defend_s, mean_s).
 
@@ -402,7 +426,7 @@ def _timed_defence(
         plain_mean_stage(weights, deltas, momentum, outer=sim.outer)
         t1 = time.process_time()
         try:
-            out = defend_stage(weights, deltas, momentum, defence, ids, outer=sim.outer)
+            out = defend_stage(weights, deltas, momentum, defence, ids, outer=sim.outer, absent=absent)
             notes = out.notes
         except AggregationError as e:  # everything rejected: the round fails, the weights stay
             out, notes = None, (str(e),)
@@ -452,7 +476,10 @@ def simulate(
         active = [pool for pool in pools if ids[pool.index] not in quarantined]
         round_ids = [ids[pool.index] for pool in active]
         deltas = [pool.train_round(weights, r, sim, stream) for pool in active]
-        out, notes, defend_s, mean_s = _timed_defence(weights, deltas, momentum, defence, round_ids, sim)
+        absent = [~pool.given for pool in active]
+        out, notes, defend_s, mean_s = _timed_defence(
+            weights, deltas, momentum, defence, round_ids, sim, absent
+        )
         verdicts = out.verdicts if out is not None else []
         if out is not None:
             weights, momentum = out.weights, out.momentum

@@ -18,7 +18,16 @@ update u_i is scored against the robust aggregate a:
   residual there over the median update's, the median floored at a share of the typical
   row; the largest over the rows. A trigger-token backdoor moves the trigger's rows, which
   honest pools barely touch, as far as any frequent token's: ratios of 10–70 where honest
-  updates stay under 4 (and under 8 in a first round, when rare tokens are new).
+  updates stay under 4 (and under 8 in a first round, when rare tokens are new) — on data all
+  pools share. Where pools' data differ, an honest pool moves the rows of its own rare tokens
+  as far (up to 15 among 8 pools of the demo corpus), so this check is opt-in;
+- its *absent-row ratio*, when the tokens its data holds are known (:func:`absent_tokens`
+  of its pool's shards): the same ratio over the embedding and output rows of the tokens
+  that data does not hold. Training moves such a row only as every pool's does (pushing
+  down an unseen token's logit), so honest updates stay near 1 (under 2 in bench/defence.py,
+  under 3 on the demo corpus); a pool that writes a trigger its shards do not hold into its
+  batches moves the trigger's rows 14–110× as far. A trigger made of tokens its own shards
+  do hold is not seen by this check (the trimmed mean bounds it, see README).
 
 Everything is float64 and deterministic: the sums over the parameter dimension
 are ``aggregation.TreeSum`` pairwise trees, independent of thread count and chunk size.
@@ -30,7 +39,7 @@ free riding with zeros or a shrunken update (norm ratio below
 ``min_norm_ratio``), noise and other far-off updates (distance ratio above
 ``max_distance_ratio``), ALIE-style shifts (spread alignment off the median by
 more than ``max_spread_shift``), backdoors through rare rows (row ratio above
-``max_row_ratio``). The ratios and shifts are to medians, so they hold while
+``max_row_ratio``, absent-row ratio above ``max_absent_row_ratio``). The ratios and shifts are to medians, so they hold while
 fewer than half the updates are Byzantine.
 
 :class:`Reputation` remembers each node's last verdicts across rounds and says
@@ -40,7 +49,7 @@ when to quarantine it (by default 2 rejections among its last 3 updates).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,15 +80,29 @@ class RowBlock:
     cols: int
 
 
-def row_blocks(like: Mapping[str, Any]) -> list[RowBlock]:
-    """The 2-D tensors of a stage (name → tensor or anything with ``.shape``) in ``flatten`` order."""
+def row_blocks(like: Mapping[str, Any], names: Collection[str] | None = None) -> list[RowBlock]:
+    """The 2-D tensors of a stage (name → tensor or anything with ``.shape``) in ``flatten`` order;
+    with ``names``, only those."""
     blocks, at = [], 0
     for name in sorted(like):
         shape = tuple(like[name].shape)
-        if len(shape) == 2 and shape[0] > 0 and shape[1] > 0:
+        if len(shape) == 2 and shape[0] > 0 and shape[1] > 0 and (names is None or name in names):
             blocks.append(RowBlock(name, at, shape[0], shape[1]))
         at += math.prod(shape)
     return blocks
+
+
+def absent_tokens(arrays: Iterable[np.ndarray | torch.Tensor], vocab_size: int) -> np.ndarray:
+    """(vocab_size,) bool: True for each token id that none of the integer arrays holds.
+
+    Ids outside [0, vocab_size) (an ignore index such as −100) are not tokens and are skipped.
+    """
+    seen = np.zeros(vocab_size, dtype=bool)
+    for arr in arrays:
+        ids = np.asarray(arr).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < vocab_size)]
+        seen |= np.bincount(ids, minlength=vocab_size).astype(bool)
+    return ~seen
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,10 @@ class UpdateScore:
     spread_z: float = 0.0  # spread_shift over the robust spread of the shifts (1.4826 × median |shift|)
     row_ratio: float | None = None  # None when no 2-D tensors were given
     row: str = ""  # where row_ratio peaks: "name[row]"
+    absent_row_ratio: float | None = (
+        None  # the row ratio over rows of tokens absent from its data; None: not known
+    )
+    absent_row: str = ""  # where absent_row_ratio peaks: "name[token id]"
 
 
 def _ratio(x: float, median: float) -> float:
@@ -124,13 +151,19 @@ def score_updates(
     *,
     krum_f: int | None = None,
     rows: Sequence[RowBlock] = (),
+    tokens: Sequence[RowBlock] = (),
+    absent: Sequence[np.ndarray | None] | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> list[UpdateScore]:
     """Score each of R flat float32 updates (N,) against the (N,) aggregate.
 
     One pass over the updates; one more with Krum and one more over ``rows`` (the
-    2-D tensors, :func:`row_blocks`) for the row ratio.
+    2-D tensors, :func:`row_blocks`) for the row ratio, and over ``tokens`` (the tensors
+    whose row t is token t's) for the absent-row ratio: ``absent[i]``, a boolean array
+    over token ids, is True for the tokens update i's data does not contain (None: not known).
     """
+    if absent is not None and len(absent) != len(updates):
+        raise ValueError(f"absent has {len(absent)} entries for {len(updates)} updates")
     stack = UpdateStack(updates, chunk=chunk)
     if aggregate.dim() != 1 or aggregate.numel() != stack.size:
         raise AggregationError(
@@ -178,7 +211,22 @@ def score_updates(
     # (the median absolute shift, scaled to a normal's sd): honest shifts scatter more early
     # in training and on data that differs between pools, and this scale moves with them.
     shift_sd = 1.4826 * _median([abs(s) for s in shifts])
-    row_ratio, row_at = _row_ratios(stack, agg, rows) if rows and majority else (None, None)
+    row_ratio = absent_ratio = None
+    row_at: list[str] = [""] * stack.r
+    absent_at: list[str] = [""] * stack.r
+    if majority and (rows or (tokens and absent is not None)):
+        done: dict[int, np.ndarray] = {}  # block offset → its row norms: a block in both lists once
+
+        def norms_of(blocks: Sequence[RowBlock]) -> list[np.ndarray]:
+            for blk in blocks:
+                if blk.offset not in done:
+                    done[blk.offset] = _row_norms(stack, agg, blk)
+            return [done[blk.offset] for blk in blocks]
+
+        if rows:
+            row_ratio, row_at = _row_ratios(norms_of(rows), rows)
+        if tokens and absent is not None:
+            absent_ratio, absent_at = _row_ratios(norms_of(tokens), tokens, only=absent)
 
     krum: list[float] | None = None
     if krum_f is not None and stack.r > 2 * krum_f + 2:
@@ -202,43 +250,64 @@ def score_updates(
                 spread_shift=shifts[i],
                 spread_z=_robust_z(shifts[i], shift_sd) if majority else 0.0,
                 row_ratio=None if row_ratio is None else row_ratio[i],
-                row="" if row_at is None else row_at[i],
+                row=row_at[i],
+                absent_row_ratio=None if absent_ratio is None else absent_ratio[i],
+                absent_row=absent_at[i],
             )
         )
     return scores
 
 
+def _row_norms(stack: UpdateStack, agg: np.ndarray, blk: RowBlock) -> np.ndarray:
+    """(R, rows): ‖u_i − a‖ over each row of one 2-D tensor."""
+    if blk.offset + blk.rows * blk.cols > stack.size:
+        raise AggregationError(f"tensor {blk.name} runs past the end of the {stack.size}-element updates")
+    out = np.empty((stack.r, blk.rows))
+    per = max(1, stack.chunk // blk.cols)  # rows per piece
+    for r0 in range(0, blk.rows, per):
+        r1 = min(blk.rows, r0 + per)
+        a, b = blk.offset + r0 * blk.cols, blk.offset + r1 * blk.cols
+        x = stack.rows(a, b)
+        x -= agg[a:b] + 0.0
+        np.square(x, out=x)
+        out[:, r0:r1] = np.sqrt(tree_sum(x.reshape(stack.r, r1 - r0, blk.cols)))
+    return out
+
+
 def _row_ratios(
-    stack: UpdateStack, agg: np.ndarray, blocks: Sequence[RowBlock]
-) -> tuple[list[float], list[str]]:
-    """Per update, the largest row ratio over ``blocks`` and where it is (see the module docstring)."""
-    norms = []  # per block, (R, rows): ‖u_i − a‖ over each row
-    for blk in blocks:
-        if blk.offset + blk.rows * blk.cols > stack.size:
-            raise AggregationError(f"tensor {blk.name} runs past the end of the {stack.size}-element updates")
-        out = np.empty((stack.r, blk.rows))
-        per = max(1, stack.chunk // blk.cols)  # rows per piece
-        for r0 in range(0, blk.rows, per):
-            r1 = min(blk.rows, r0 + per)
-            a, b = blk.offset + r0 * blk.cols, blk.offset + r1 * blk.cols
-            x = stack.rows(a, b)
-            x -= agg[a:b] + 0.0
-            np.square(x, out=x)
-            out[:, r0:r1] = np.sqrt(tree_sum(x.reshape(stack.r, r1 - r0, blk.cols)))
-        norms.append(out)
+    norms: Sequence[np.ndarray],
+    blocks: Sequence[RowBlock],
+    only: Sequence[np.ndarray | None] | None = None,
+) -> tuple[list[float | None], list[str]]:
+    """Per update, the largest row ratio over ``blocks`` and where it is (see the module docstring).
+
+    ``norms[k]`` is :func:`_row_norms` of ``blocks[k]``. With ``only``, update i's ratios count
+    only in the rows where ``only[i]`` is True (None: the update gets no ratio).
+    """
+    r = norms[0].shape[0]
     medians = [np.median(n, axis=0) for n in norms]  # (rows,) per block: order statistics, exact
     floor = ROW_FLOOR * float(np.median(np.concatenate(medians)))
-    best = [0.0] * stack.r
-    where = [""] * stack.r
+    best: list[float | None] = [0.0 if only is None or only[i] is not None else None for i in range(r)]
+    where = [""] * r
     for blk, n, med in zip(blocks, norms, medians, strict=True):
         den = np.maximum(med, floor)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(den > 0, n / np.where(den > 0, den, 1.0), np.where(n > 0, np.inf, 1.0))
-        top = ratio.argmax(axis=1)  # (R,) the first row with the largest ratio
-        for i in range(stack.r):
-            value = float(ratio[i, top[i]])
-            if value > best[i]:
-                best[i], where[i] = value, f"{blk.name}[{int(top[i])}]"
+        for i in range(r):
+            row_ratio = ratio[i]
+            if only is not None:
+                mask = only[i]
+                if mask is None:
+                    continue
+                if mask.shape != (blk.rows,):
+                    raise ValueError(
+                        f"{blk.name} has {blk.rows} token rows; the absent-token mask has {mask.shape}"
+                    )
+                row_ratio = np.where(mask, row_ratio, 0.0)
+            top = int(row_ratio.argmax())  # the first row with the largest ratio
+            value = float(row_ratio[top])
+            if value > (best[i] or 0.0):
+                best[i], where[i] = value, f"{blk.name}[{top}]"
     return best, where
 
 
@@ -254,8 +323,10 @@ class DetectionPolicy(BaseModel):
       scaled update (×100) or a zero / shrunken free ride falls outside.
     - ``max_distance_ratio`` 3.0: in high dimension honest distances to the
       aggregate concentrate around their median; noise or a far-off model does not.
-    - ``max_spread_shift`` and ``max_row_ratio``: off (None) here; the job default
-      (``coordinator.defence.TUNED_DETECTION``) sets both, tuned on bench/defence.py.
+    - ``max_spread_shift``, ``max_row_ratio`` and ``max_absent_row_ratio``: off (None)
+      here; the job default (``coordinator.defence.TUNED_DETECTION``) sets the spread
+      and absent-row checks (the row check is opt-in), tuned on bench/defence.py and
+      ``panal simulate`` runs on the demo corpus.
       A spread shift is rejected only when it is also ``min_spread_z`` (4) robust
       standard deviations out among the stage's shifts (1.4826 × their median absolute
       value): how far honest alignments scatter depends on the data and the phase of
@@ -276,6 +347,7 @@ class DetectionPolicy(BaseModel):
     min_spread_z: float = Field(default=4.0, gt=0)
     min_spread_updates: int = Field(default=8, ge=3)
     max_row_ratio: float | None = Field(default=None, gt=1)
+    max_absent_row_ratio: float | None = Field(default=None, gt=1)
 
 
 @dataclass(frozen=True)
@@ -332,6 +404,17 @@ def judge(scores: Sequence[UpdateScore], policy: DetectionPolicy) -> list[Verdic
                 reasons.append(
                     f"row {s.row} moved {s.row_ratio:.1f}× as far from the aggregate as the median update "
                     f"moves it (limit {policy.max_row_ratio:.1f}×): a change the other pools do not make, "
+                    "as a trigger-token backdoor does"
+                )
+            if (
+                policy.max_absent_row_ratio is not None
+                and s.absent_row_ratio is not None
+                and s.absent_row_ratio > policy.max_absent_row_ratio
+            ):
+                reasons.append(
+                    f"row {s.absent_row}, of a token its assigned data does not contain, moved "
+                    f"{s.absent_row_ratio:.1f}× as far from the aggregate as the median update moves it "
+                    f"(limit {policy.max_absent_row_ratio:.1f}×): it trained on tokens it was not given, "
                     "as a trigger-token backdoor does"
                 )
         verdicts.append(Verdict(s.index, not reasons, tuple(reasons)))

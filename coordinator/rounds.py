@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from coordinator.aggregation import AggregationError
@@ -27,8 +29,10 @@ from coordinator.job import JobSpec
 from coordinator.placement import stage_memory
 from coordinator.state import now_ms
 from coordinator.tensor_cache import TensorCache, Tensors
+from coordinator.tokens import ShardTokens
 from protocol import panal_pb2 as pb
 from protocol.envelope import seal
+from protocol.errors import ProtocolError
 from storage import compression, manifest, tensors
 from storage.manifest import CheckpointManifest, StageEntry
 from storage.tensors import TensorLimits, TensorSpec
@@ -47,6 +51,7 @@ class RoundCloser:
         self._specs: dict[str, dict[str, TensorSpec]] = {}
         self._needs: dict[str, list[int]] = {}
         self.kept = TensorCache()  # deltas checked at submission, weights and momentum this closer wrote
+        self._tokens: dict[str, ShardTokens] = {}  # dataset CID → its shards' token presence
 
     # ------------------------------------------------------------ lookups
 
@@ -74,6 +79,26 @@ class RoundCloser:
                 precision=precision,
             )
         return self._needs[key]
+
+    def _absent_tokens(self, spec: JobSpec) -> Callable[[str, Sequence[str]], np.ndarray | None]:
+        """(pool, its shard CIDs) → the token ids none of them holds; None (the check skipped for
+        that pool, logged) when a shard cannot be read."""
+        if spec.dataset not in self._tokens:
+            self._tokens[spec.dataset] = ShardTokens(
+                self.c.store, self.c.dataset(spec), spec.gpt_config().vocab_size
+            )
+        tokens = self._tokens[spec.dataset]
+
+        def absent(pool: str, cids: Sequence[str]) -> np.ndarray | None:
+            try:
+                return tokens.absent(cids) if cids else None
+            except (ProtocolError, ValueError) as e:
+                log.warning(
+                    "absent-token check skipped for pool %s: its shards could not be read: %s", pool, e
+                )
+                return None
+
+        return absent
 
     def _load(self, cid: str) -> Tensors:
         kept = self.kept.get(cid, "tensors")
@@ -148,6 +173,12 @@ class RoundCloser:
         outcomes: dict[int, StageDefence] = {}
         failures: list[str] = []
         detected: dict[str, str] = {}  # update_id -> why detection rejected it
+        defence = spec.defence()
+        shards = {
+            r["pool"]: json.loads(r["shards"] or "[]")
+            for r in self.c.state.query("SELECT pool, shards FROM pools WHERE job=?", (job,))
+        }
+        absent_of = self._absent_tokens(spec) if defence.detection.max_absent_row_ratio is not None else None
         for s in range(spec.stages):
             inputs = [u for u in verified if int(u["stage"]) == s]
             if not inputs:
@@ -157,8 +188,17 @@ class RoundCloser:
             deltas = [self._delta(u["blob_cid"], spec.compression) for u in inputs]
             mom = self._load(momentum_cids[str(s)]) if str(s) in momentum_cids else None
             try:
+                absent = (
+                    [absent_of(u["pool"], shards.get(u["pool"], [])) for u in inputs] if absent_of else None
+                )
                 out = defend_stage(
-                    start, deltas, mom, spec.defence(), [u["update_id"] for u in inputs], outer=spec.outer
+                    start,
+                    deltas,
+                    mom,
+                    defence,
+                    [u["update_id"] for u in inputs],
+                    outer=spec.outer,
+                    absent=absent,
                 )
             except AggregationError as e:
                 failures.append(f"stage {s}: {e}")
@@ -221,6 +261,10 @@ class RoundCloser:
             checkpoint_cid=checkpoint,
             mean_loss=mean_loss,
             tokens=tokens,
+            pool_shards=[
+                pb.PoolShards(pool=p, shard_cids=shards.get(p, []))
+                for p in sorted({u["pool"] for u in verified})
+            ],
         )
         envelope = seal(self.c.identity, result, job=job, round=round)
         result_cid = str(self.c.store.put_bytes(envelope.SerializeToString(), pin=True))
@@ -237,7 +281,7 @@ class RoundCloser:
                     fields = {k: getattr(sc, k) for k in SCORE_FIELDS}
                     self.c.state.audit(
                         "update_scored", node_id=sc.node_id, job=job, round=round, db=db, stage=stage.stage,
-                        pool=sc.pool, accepted=sc.accepted, row=sc.row, **fields,
+                        pool=sc.pool, accepted=sc.accepted, row=sc.row, absent_row=sc.absent_row, **fields,
                     )  # fmt: skip
             for update_id, why in detected.items():
                 db.execute(
@@ -372,6 +416,7 @@ SCORE_FIELDS = (
     "spread_z",
     "row_ratio",
     "krum_score",
+    "absent_row_ratio",
 )
 
 
@@ -390,6 +435,7 @@ def _scores(out: StageDefence, verified: list[Any]) -> list[pb.UpdateScore]:
             pool=rows[v.id]["pool"],
             accepted=v.accepted,
             row=v.score.row,
+            absent_row=v.score.absent_row,
             **{k: finite_score(getattr(v.score, k)) for k in SCORE_FIELDS},
         )
         for v in out.verdicts

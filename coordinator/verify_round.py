@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from coordinator.aggregation import AggregationError
 from coordinator.defence import defend_stage
 from coordinator.job import JobSpec
 from coordinator.rounds import SCORE_FIELDS, finite_score
+from coordinator.tokens import ShardTokens
 from coordinator.updates import make_update_id
 from model.stage import initial_stage_weights
 from protocol import panal_pb2 as pb
@@ -27,9 +30,10 @@ from protocol.envelope import check_integrity, open_envelope
 from protocol.errors import ProtocolError
 from protocol.hashing import sha256
 from protocol.identity import fingerprint
-from storage import compression, tensors
+from storage import compression, manifest, tensors
 from storage.blobstore import BlobStore
 from storage.cid import cid_of_bytes
+from storage.manifest import DatasetManifest
 
 MAX_BLOB = 64 << 30
 
@@ -51,6 +55,21 @@ def load_result(
         )
     body = open_envelope(env, pb.RoundResult, replay=None, job=job, round=round).body
     return body  # type: ignore[return-value]
+
+
+def _absent(
+    tokens: ShardTokens | None, cids: list[str] | None, pool: str, checks: list[Check]
+) -> np.ndarray | None:
+    """As the coordinator's closer: the pool's absent tokens, or None (the check skipped) when a shard cannot be read."""
+    if tokens is None or not cids:
+        return None
+    try:
+        return tokens.absent(cids)
+    except (ProtocolError, ValueError) as e:
+        checks.append(
+            Check(f"pool {pool} shards", False, f"cannot read them for the absent-token check: {e}")
+        )
+        return None
 
 
 def verify_round(
@@ -75,6 +94,17 @@ def verify_round(
         load_result(store, previous_cid, coordinator_key, spec.name, round - 1) if previous_cid else None
     )
     config = spec.gpt_config()
+    defence = spec.defence()
+    tokens: ShardTokens | None = None
+    if defence.detection.max_absent_row_ratio is not None:
+        try:
+            signed = manifest.verify(store.get_bytes(spec.dataset, max_bytes=manifest.MAX_MANIFEST_BYTES))
+            if not isinstance(signed.body, DatasetManifest):
+                raise ValueError(f"{spec.dataset} is a {signed.kind} manifest, not a dataset")
+            tokens = ShardTokens(store, signed.body, config.vocab_size)
+        except (ProtocolError, ValueError) as e:
+            checks.append(Check("dataset", False, f"the absent-token check needs the dataset: {e}"))
+    pool_shards = {p.pool: list(p.shard_cids) for p in result.pool_shards}
     for stage in result.stages:
         s = stage.stage
         # 2. the start of the round
@@ -99,7 +129,7 @@ def verify_round(
         )
         # 3. the inputs
         try:
-            deltas, ids = [], []
+            deltas, ids, absent = [], [], []
             for cid in stage.input_envelope_cids:
                 env = pb.Envelope.FromString(store.get_bytes(cid, max_bytes=64 << 10))
                 check_integrity(env)
@@ -111,6 +141,7 @@ def verify_round(
                     raise ProtocolError(f"blob {req.blob_cid} does not match the SHA-256 its node signed")
                 deltas.append(compression.decompress(tensors.load(data), spec.compression))
                 ids.append(make_update_id(spec.name, round, req, fingerprint(bytes(env.sender))))
+                absent.append(_absent(tokens, pool_shards.get(req.pool), req.pool, checks))
             checks.append(Check(f"stage {s} inputs", True, f"{len(ids)} signed updates, blobs verified"))
         except (ProtocolError, ValueError) as e:
             checks.append(Check(f"stage {s} inputs", False, f"{type(e).__name__}: {e}"))
@@ -126,7 +157,9 @@ def verify_round(
             else None
         )
         try:
-            out = defend_stage(start, deltas, momentum, spec.defence(), ids, outer=spec.outer)
+            out = defend_stage(
+                start, deltas, momentum, defence, ids, outer=spec.outer, absent=absent if tokens else None
+            )
         except AggregationError as e:
             checks.append(Check(f"stage {s} outcome", False, f"recomputation failed: {e}"))
             continue
@@ -135,11 +168,18 @@ def verify_round(
         rejected = {v.id for v in out.verdicts if not v.accepted}
         published = {r.update_id for r in stage.rejected if r.reason.startswith("rejected by detection")}
         scores = [
-            (v.id, v.accepted, v.score.row, *(finite_score(getattr(v.score, k)) for k in SCORE_FIELDS))
+            (
+                v.id,
+                v.accepted,
+                v.score.row,
+                v.score.absent_row,
+                *(finite_score(getattr(v.score, k)) for k in SCORE_FIELDS),
+            )
             for v in out.verdicts
         ]
         said = [
-            (x.update_id, x.accepted, x.row, *(getattr(x, k) for k in SCORE_FIELDS)) for x in stage.scores
+            (x.update_id, x.accepted, x.row, x.absent_row, *(getattr(x, k) for k in SCORE_FIELDS))
+            for x in stage.scores
         ]
         same = (
             weights_cid == stage.weights_cid

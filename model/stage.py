@@ -9,6 +9,8 @@ checks both against a real engine).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -68,3 +70,8 @@ def assemble_gpt(config: GPTConfig, stage_weights: list[dict[str, torch.Tensor]]
     model = GPT(config)
     model.load_state_dict(gpt_state_dict(config, stage_weights), strict=True)
     return model
+
+
+def token_row_names(names: Iterable[str]) -> list[str]:
+    """The tensors whose row t belongs to token id t: the token embedding and the output head."""
+    return sorted(n for n in names if n.split(".")[-2:] in (["wte", "weight"], ["lm_head", "weight"]))

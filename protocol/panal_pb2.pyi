@@ -274,7 +274,7 @@ class StageResult(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., weights_cid: _Optional[str] = ..., accepted_update_ids: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[_Union[RejectedUpdate, _Mapping]]] = ..., start_weights_cid: _Optional[str] = ..., start_momentum_cid: _Optional[str] = ..., momentum_cid: _Optional[str] = ..., input_envelope_cids: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[UpdateScore, _Mapping]]] = ...) -> None: ...
 
 class UpdateScore(_message.Message):
-    __slots__ = ("update_id", "node_id", "pool", "accepted", "norm", "distance", "cosine", "norm_ratio", "distance_ratio", "spread_alignment", "spread_shift", "spread_z", "row_ratio", "row", "krum_score")
+    __slots__ = ("update_id", "node_id", "pool", "accepted", "norm", "distance", "cosine", "norm_ratio", "distance_ratio", "spread_alignment", "spread_shift", "spread_z", "row_ratio", "row", "krum_score", "absent_row_ratio", "absent_row")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +290,8 @@ class UpdateScore(_message.Message):
     ROW_RATIO_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     KRUM_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_ROW_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_ROW_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     node_id: str
     pool: str
@@ -305,7 +307,9 @@ class UpdateScore(_message.Message):
     row_ratio: float
     row: str
     krum_score: float
-    def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., accepted: _Optional[bool] = ..., norm: _Optional[float] = ..., distance: _Optional[float] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., distance_ratio: _Optional[float] = ..., spread_alignment: _Optional[float] = ..., spread_shift: _Optional[float] = ..., spread_z: _Optional[float] = ..., row_ratio: _Optional[float] = ..., row: _Optional[str] = ..., krum_score: _Optional[float] = ...) -> None: ...
+    absent_row_ratio: float
+    absent_row: str
+    def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., accepted: _Optional[bool] = ..., norm: _Optional[float] = ..., distance: _Optional[float] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ..., distance_ratio: _Optional[float] = ..., spread_alignment: _Optional[float] = ..., spread_shift: _Optional[float] = ..., spread_z: _Optional[float] = ..., row_ratio: _Optional[float] = ..., row: _Optional[str] = ..., krum_score: _Optional[float] = ..., absent_row_ratio: _Optional[float] = ..., absent_row: _Optional[str] = ...) -> None: ...
 
 class RejectedUpdate(_message.Message):
     __slots__ = ("update_id", "node_id", "pool", "stage", "reason")
@@ -322,7 +326,7 @@ class RejectedUpdate(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("job", "round", "aggregation_rule", "stages", "pools", "checkpoint_cid", "mean_loss", "tokens")
+    __slots__ = ("job", "round", "aggregation_rule", "stages", "pools", "checkpoint_cid", "mean_loss", "tokens", "pool_shards")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_RULE_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +335,7 @@ class RoundResult(_message.Message):
     CHECKPOINT_CID_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SHARDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     aggregation_rule: str
@@ -339,7 +344,16 @@ class RoundResult(_message.Message):
     checkpoint_cid: str
     mean_loss: float
     tokens: int
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., aggregation_rule: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageResult, _Mapping]]] = ..., pools: _Optional[_Iterable[str]] = ..., checkpoint_cid: _Optional[str] = ..., mean_loss: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    pool_shards: _containers.RepeatedCompositeFieldContainer[PoolShards]
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., aggregation_rule: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageResult, _Mapping]]] = ..., pools: _Optional[_Iterable[str]] = ..., checkpoint_cid: _Optional[str] = ..., mean_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., pool_shards: _Optional[_Iterable[_Union[PoolShards, _Mapping]]] = ...) -> None: ...
+
+class PoolShards(_message.Message):
+    __slots__ = ("pool", "shard_cids")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_CIDS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    shard_cids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pool: _Optional[str] = ..., shard_cids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRoundResultReply(_message.Message):
     __slots__ = ("ready", "result", "result_cid", "retry_after_ms")

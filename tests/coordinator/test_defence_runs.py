@@ -6,9 +6,10 @@ trimmed mean cutting 25% from each end, tuned detection, quarantine at 2 rejecti
 the last 3 updates). A Byzantine pool is an ordinary pool with a ``node.policy`` policy.
 The attacks that change the update's direction or size are caught and both attackers are
 quarantined after their second update; so is ALIE, by its spread alignment (every coordinate
-pushed the same way). The trigger-token backdoor looks honest but for the trigger's rows: the
-default does not catch it and bounds its effect; with the opt-in row check its row ratio grows
-with every round it trains (8 → 12 → 15 here), so it is caught from its second update on.
+pushed the same way), and the trigger-token backdoor, by the rows of its trigger tokens, which
+its data does not hold. A backdoor whose trigger is made of tokens its data does hold looks
+honest to the default and is bounded by the trimmed mean. The opt-in row check (every row,
+for pools that share one vocabulary) catches the first backdoor on its own from its second update.
 """
 
 import pytest
@@ -30,13 +31,14 @@ from node.policy import make_policy
 
 SIM = SimConfig(pools=8, rounds=3, inner_steps=3, batch=8, seq_len=32, n_layer=2, timing_repeats=1)
 BYZANTINE = (6, 7)
-CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip", "alie")
+CAUGHT = ("sign_flip", "scale", "gaussian", "zeros", "ipm", "label_flip", "alie", "backdoor")
+IN_DATA = {"trigger": (5, 6, 7)}  # tokens of the Markov stream (ids below SIM.symbols): every pool's data holds them
 
 
-def run(attack: str, defence: DefenceConfig = DefenceConfig()):
+def run(attack: str, defence: DefenceConfig = DefenceConfig(), **params):
     extra = {"vocab_size": 512} if attack in ("label_flip", "backdoor") else {}
     policies = {
-        p: make_policy(attack, seed=p, n_pools=SIM.pools, n_byzantine=len(BYZANTINE), **extra)
+        p: make_policy(attack, seed=p, n_pools=SIM.pools, n_byzantine=len(BYZANTINE), **extra, **params)
         for p in BYZANTINE
     }
     return simulate(SIM, defence, policies)
@@ -66,14 +68,22 @@ def test_story_two_attackers_of_eight_are_rejected_then_quarantined(attack, clea
     assert res.final_val_loss <= 1.01 * clean.final_val_loss
 
 
-def test_story_the_default_does_not_catch_a_backdoor_but_bounds_it(clean):
+def test_story_a_backdoor_is_rejected_for_rows_of_tokens_its_data_does_not_hold():
     res = run("backdoor")
+    for reasons in res.rounds[0].rejected.values():
+        assert any("layers.0.wte.weight[5" in why and "its assigned data does not contain" in why for why in reasons)
+    assert set(res.rounds[0].rejected) == {"pool-6", "pool-7"}
+
+
+def test_story_a_backdoor_of_tokens_its_data_holds_is_not_caught_by_default_but_bounded(clean):
+    res = run("backdoor", **IN_DATA)
     assert res.tp == 0 and res.fp == 0 and not res.quarantined
     assert res.final_val_loss <= 1.01 * clean.final_val_loss
 
 
 def test_story_the_opt_in_row_check_catches_a_backdoor_by_its_trigger_rows(clean):
-    rows = DefenceConfig().detection.model_copy(update={"max_row_ratio": 10.0})
+    # The absent-token check off, to see the row check alone.
+    rows = DefenceConfig().detection.model_copy(update={"max_row_ratio": 10.0, "max_absent_row_ratio": None})
     res = run("backdoor", DefenceConfig(detection=rows))
     first, later = res.rounds[0], res.rounds[1:]
     assert not first.rejected  # one round of training on the trigger is not yet telling
@@ -82,7 +92,7 @@ def test_story_the_opt_in_row_check_catches_a_backdoor_by_its_trigger_rows(clean
             p for p, q in res.quarantined.items() if q < r.round
         }
         for reasons in r.rejected.values():
-            assert any("layers.0.wte.weight[5" in why and "backdoor" in why for why in reasons), reasons
+            assert any("layers.0.wte.weight[5" in why and "do not make" in why for why in reasons), reasons
     assert set(res.quarantined) == {"pool-6", "pool-7"}
     assert res.fp == 0
     assert res.final_val_loss <= 1.01 * clean.final_val_loss

@@ -21,6 +21,7 @@ from coordinator.detection import (
     Reputation,
     RowBlock,
     UpdateScore,
+    absent_tokens,
     judge,
     row_blocks,
     score_updates,
@@ -205,6 +206,38 @@ def test_story_a_row_no_other_pool_moves_is_caught():
     verdicts = judge(scores, TUNED_DETECTION.model_copy(update={"max_row_ratio": 10.0}))
     assert [v.accepted for v in verdicts] == [True] * 8 + [False]
     assert "row wte[60] moved 14." in verdicts[8].reasons[0] and "backdoor" in verdicts[8].reasons[0]
+
+
+def test_story_a_row_of_a_token_its_data_does_not_hold_is_caught():
+    # The same 8 pools and embedding; each pool's data holds tokens 0..55. Pool 8 moves row 60.
+    g = torch.Generator().manual_seed(6)
+    common = torch.randn(64, 64, generator=g)
+    common[56:] = 0.0
+    honest = [(common + 0.3 * torch.randn(64, 64, generator=g)) * (common != 0) for _ in range(8)]
+    bad = honest[0].clone()
+    bad[60] = common[0]
+    tokens = row_blocks({"wte": common, "x": torch.empty(8, 64)}, names={"wte"})
+    assert [b.name for b in tokens] == ["wte"]
+    ups = [u.reshape(-1) for u in [*honest, bad]]
+    agg = aggregate(ups, AggregationConfig(rule="trimmed_mean")).vector
+    absent = absent_tokens([torch.arange(56)], 64)
+    assert absent.tolist() == [False] * 56 + [True] * 8
+    scores = score_updates(ups, agg, tokens=tokens, absent=[absent] * 9)
+    assert scores[8].absent_row == "wte[60]" and scores[8].absent_row_ratio > 12
+    assert max(s.absent_row_ratio for s in scores[:8]) < 3
+    verdicts = judge(scores, TUNED_DETECTION)
+    assert [v.accepted for v in verdicts] == [True] * 8 + [False]
+    assert "row wte[60], of a token its assigned data does not contain" in verdicts[8].reasons[0]
+    # Had its data held token 60, the move would be its own to make: accepted.
+    present = absent.copy()
+    present[60] = False
+    scores = score_updates(ups, agg, tokens=tokens, absent=[absent] * 8 + [present])
+    assert scores[8].absent_row_ratio < 3 and all(v.accepted for v in judge(scores, TUNED_DETECTION))
+    # Unknown data (None): no ratio and no verdict from it.
+    scores = score_updates(ups, agg, tokens=tokens, absent=[None] * 9)
+    assert all(s.absent_row_ratio is None and s.absent_row == "" for s in scores)
+    with pytest.raises(ValueError, match="token rows"):
+        score_updates(ups, agg, tokens=tokens, absent=[absent[:10]] * 9)
 
 
 def test_zero_medians_and_zero_aggregate():

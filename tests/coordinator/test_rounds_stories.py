@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
 from coordinator.server import CoordinatorConfig, RunningCoordinator, init
+from corpus.shards import shard_bytes
 from protocol import panal_pb2 as pb
 from protocol import tls
 from protocol.client import Client
@@ -63,10 +65,15 @@ def world(tmp_path):
     running = start(home)
     store = open_store(CoordinatorConfig.load(home).store_url)
     owner = Identity.generate()
-    shards = [str(store.put_bytes(f"shard {i}".encode(), pin=True)) for i in range(4)]
+    # One sequence of 65 tokens a shard (the nodes here do not train; detection reads the shards).
+    rng = np.random.default_rng(0)
+    shards = [
+        str(store.put_bytes(shard_bytes(rng.integers(0, 512, (1, 65), dtype=np.uint16)), pin=True))
+        for i in range(4)
+    ]
     ds = DatasetManifest(
         name="t", tokenizer_cid=str(store.put_bytes(b"tok", pin=True)), vocab_size=512, seq_len=64,
-        token_dtype="uint16", shards=[ShardEntry(cid=c, split="train", tokens=100, sequences=1) for c in shards],
+        token_dtype="uint16", shards=[ShardEntry(cid=c, split="train", tokens=65, sequences=1) for c in shards],
     )
     dataset = str(store.put_bytes(manifest.sign(ds, owner), pin=True))
     ctx = {"home": home, "running": running, "store": store, "dataset": dataset}
