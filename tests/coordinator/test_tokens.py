@@ -25,7 +25,9 @@ def dataset(tmp_path):
         vocab_size=12,
         seq_len=4,
         token_dtype="uint16",
-        shards=[ShardEntry(cid=c, split="train", tokens=s.size, sequences=len(s)) for c, s in zip(cids, seqs)],
+        shards=[
+            ShardEntry(cid=c, split="train", tokens=s.size, sequences=len(s)) for c, s in zip(cids, seqs)
+        ],
     )
     return store, ds, cids
 
