@@ -61,7 +61,7 @@ Tensors = dict[str, torch.Tensor]
 # Detection thresholds tuned on bench/defence.py (the DetectionPolicy defaults are 0.0 and 3.0,
 # and no spread or row check). Honest pools there have cosine ≥ 0.8 to the robust aggregate, a
 # distance ratio ≤ 1.1, a spread shift within ±0.05 (±0.11 in early rounds on the demo corpus,
-# whose pools' shards differ; within ±2.9 robust sd on both) and a row ratio ≤ 7.6 (first round;
+# whose pools' shards differ; within ±3.4 robust sd on both) and a row ratio ≤ 7.6 (first round;
 # ≤ 4 after);
 # an update of pure noise, or one trained on flipped labels, sits at cosine 0.1–0.28 and distance
 # ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.22 (5.9 to

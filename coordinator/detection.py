@@ -39,8 +39,9 @@ free riding with zeros or a shrunken update (norm ratio below
 ``min_norm_ratio``), noise and other far-off updates (distance ratio above
 ``max_distance_ratio``), ALIE-style shifts (spread alignment off the median by
 more than ``max_spread_shift``), backdoors through rare rows (row ratio above
-``max_row_ratio``, absent-row ratio above ``max_absent_row_ratio``). The ratios and shifts are to medians, so they hold while
-fewer than half the updates are Byzantine.
+``max_row_ratio``, absent-row ratio above ``max_absent_row_ratio``). The ratios
+and shifts are to medians, so they hold while fewer than half the updates are
+Byzantine.
 
 :class:`Reputation` remembers each node's last verdicts across rounds and says
 when to quarantine it (by default 2 rejections among its last 3 updates).
@@ -119,9 +120,7 @@ class UpdateScore:
     spread_z: float = 0.0  # spread_shift over the robust spread of the shifts (1.4826 × median |shift|)
     row_ratio: float | None = None  # None when no 2-D tensors were given
     row: str = ""  # where row_ratio peaks: "name[row]"
-    absent_row_ratio: float | None = (
-        None  # the row ratio over rows of tokens absent from its data; None: not known
-    )
+    absent_row_ratio: float | None = None  # row ratio over rows of tokens its data lacks; None: unknown
     absent_row: str = ""  # where absent_row_ratio peaks: "name[token id]"
 
 
@@ -332,7 +331,8 @@ class DetectionPolicy(BaseModel):
       value): how far honest alignments scatter depends on the data and the phase of
       training (within ±0.04 on bench/defence.py's stream, ±0.11 in the first rounds
       on the demo corpus, where pools' shards differ), and in these units honest pools
-      stayed within ±2.9 and ALIE beyond ±5.4 on both. And only among
+      stayed within ±3.4 (those past ±2.4 with shifts under 0.03) and ALIE beyond ±5.4
+      on both. And only among
       ``min_spread_updates`` (8) or more updates: with fewer the aggregate is close to
       a median of them, and the scale of a few shifts means little.
     """
