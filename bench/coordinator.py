@@ -73,9 +73,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import grpc  # noqa: E402
 import nacl.signing  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from coordinator.server import CoordinatorConfig, init  # noqa: E402
+from corpus.shards import shard_bytes  # noqa: E402
 from protocol import panal_pb2 as pb  # noqa: E402
 from protocol import panal_pb2_grpc as pb_grpc  # noqa: E402
 from protocol import tls  # noqa: E402
@@ -113,15 +115,20 @@ class Signer:
 
 
 def dataset(store: Any, shards: int) -> str:
-    """A signed dataset manifest with ``shards`` train shards (tiny blobs: nothing reads them)."""
-    cids = [str(store.put_bytes(f"shard {i}".encode(), pin=True)) for i in range(shards)]
+    """A signed dataset manifest with ``shards`` train shards of one sequence each (the simulated
+    nodes do not train; the coordinator reads the shards once, for detection's absent-token check)."""
+    rng = np.random.default_rng(0)
+    cids = [
+        str(store.put_bytes(shard_bytes(rng.integers(0, 256, (1, 33), dtype=np.uint16)), pin=True))
+        for _ in range(shards)
+    ]
     body = DatasetManifest(
         name="bench",
         tokenizer_cid=str(store.put_bytes(b"tokenizer", pin=True)),
         vocab_size=256,
         seq_len=32,
         token_dtype="uint16",
-        shards=[ShardEntry(cid=c, split="train", tokens=100, sequences=1) for c in cids],
+        shards=[ShardEntry(cid=c, split="train", tokens=33, sequences=1) for c in cids],
     )
     return str(store.put_bytes(manifest.sign(body, Identity.generate()), pin=True))
 
