@@ -360,6 +360,9 @@ def test_story_a_poisoning_pool_is_rejected_then_quarantined_then_readmitted(wor
         scores = {s.pool: s for s in result.stages[0].scores}
         assert sorted(scores) == pools and [s.accepted for _, s in sorted(scores.items())] == [True, True, False]
         assert scores["pool-c"].cosine < 0 < scores["pool-a"].cosine and scores["pool-a"].row_ratio == 0  # row check off
+        # The absent-token check ran: the result names each pool's shards, and every update has its score.
+        assert [p.pool for p in result.pool_shards] == pools and all(p.shard_cids for p in result.pool_shards)
+        assert all(s.absent_row and s.absent_row_ratio > 0 for s in scores.values())
         events = world["running"].state.query("SELECT detail FROM audit WHERE kind='update_scored' AND round=?", (rnd,))
         assert sorted(json.loads(e["detail"])["pool"] for e in events) == pools
         sample = world["running"].coordinator.metrics.registry.get_sample_value(
