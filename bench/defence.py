@@ -10,6 +10,11 @@ the attack's ``node.policy`` policy; the coordinator aggregates with the rule, r
 outliers (``coordinator.defence.TUNED_DETECTION``) and quarantines a pool at 2
 rejections among its last 3 updates. K = max(1, ⌊fraction·R + ½⌋) for a fraction > 0:
 with the default 20 pools 10% → 2, 25% → 5, 40% → 8 exactly (with 8 pools: 1, 2, 3).
+Every pool's batches come from the same chain, so every pool's data holds the chain's 128
+symbols and no other token; the backdoor's trigger (the vocabulary's last three ids) lies
+outside them, which detection's absent-token check sees. A trigger made of tokens a pool's
+own data holds is not seen by that check (on the demo corpus the last BPE merges occur in
+most shards): the rule alone bounds it (tests/coordinator/test_defence_runs.py).
 
 Columns, every ratio against a baseline from the same invocation:
 - loss: validation loss after the last round; ×clean: over the same rule's run without
