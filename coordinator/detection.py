@@ -414,8 +414,8 @@ def judge(scores: Sequence[UpdateScore], policy: DetectionPolicy) -> list[Verdic
                 reasons.append(
                     f"row {s.absent_row}, of a token its assigned data does not contain, moved "
                     f"{s.absent_row_ratio:.1f}× as far from the aggregate as the median update moves it "
-                    f"(limit {policy.max_absent_row_ratio:.1f}×): it trained on tokens it was not given, "
-                    "as a trigger-token backdoor does"
+                    f"(limit {policy.max_absent_row_ratio:.1f}×): training on its own data moves such a row "
+                    "only as every pool's does; a trigger-token backdoor moves it far more"
                 )
         verdicts.append(Verdict(s.index, not reasons, tuple(reasons)))
     return verdicts
