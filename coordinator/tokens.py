@@ -1,9 +1,9 @@
 """Which token ids each pool's train shards hold: what detection's absent-token check needs.
 
-A pool trains on the shards the coordinator dealt it (``coordinator.placement``). An
-update that moves the rows of a token none of those shards contains — its embedding
-row, its output row — far more than the other pools move them trained on something it
-was not given, as a trigger-token backdoor does (``coordinator.detection``).
+A pool trains on the shards the coordinator dealt it (``coordinator.placement``). Training
+on them moves the rows of a token none of them contains — its embedding row, its output
+row — only as every pool's training does; an update that moves such rows far more did not
+get that from its data, and a trigger-token backdoor's does (``coordinator.detection``).
 
 Each shard is read once per process (its CID is checked by the store, its tokens by
 ``corpus.shards.read_shard``) and remembered as a bit per token id, so the check costs

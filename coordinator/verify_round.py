@@ -9,7 +9,9 @@ Given the signed round result, the job spec and the coordinator's public key:
    naming a blob whose SHA-256 and CID match;
 4. recomputing the stage — the job's robust rule, detection, outer step — from those
    inputs gives bit-identical weights and momentum (their CIDs match the result's),
-   and the same updates rejected by detection.
+   and the same updates rejected by detection. Detection's absent-token check reads the
+   train shards the result names for each pool; whether those are the shards the pool was
+   assigned, its nodes check (``node.worker.shards_mismatch``).
 """
 
 from __future__ import annotations
@@ -158,7 +160,13 @@ def verify_round(
         )
         try:
             out = defend_stage(
-                start, deltas, momentum, defence, ids, outer=spec.outer, absent=absent if tokens else None
+                start,
+                deltas,
+                momentum,
+                defence,
+                ids,
+                outer=spec.outer,
+                absent=absent if tokens is not None else None,
             )
         except AggregationError as e:
             checks.append(Check(f"stage {s} outcome", False, f"recomputation failed: {e}"))

@@ -269,6 +269,9 @@ class Worker:
         if bytes(got.result.sender) != self.coordinator_key:
             raise SignatureError("round result is not signed by the coordinator this node enrolled with")
         result = open_envelope(got.result, pb.RoundResult, replay=None, job=a.job, round=a.round).body
+        mismatch = shards_mismatch(result, a)  # type: ignore[arg-type]
+        if mismatch:
+            log.error("round %s: %s", a.round, mismatch)
         stage = next(s for s in result.stages if s.stage == a.stage)  # type: ignore[attr-defined]
         log.info(
             "round %s closed: %s pools, mean loss %.4f, new weights %s",
@@ -278,6 +281,22 @@ class Worker:
             stage.weights_cid,
         )  # type: ignore[attr-defined]
         return str(stage.weights_cid)
+
+
+def shards_mismatch(result: pb.RoundResult, a: pb.Assignment) -> str | None:
+    """Why the signed result's shards for this node's pool are not the ones it was assigned, or None.
+
+    Detection judged the pool's update against the tokens of the shards the result names; a
+    coordinator naming others could reject an honest pool with a story anyone re-verifying
+    (`panal admin verify-round`) would accept. The node is the one that can tell.
+    """
+    named = next((list(p.shard_cids) for p in result.pool_shards if p.pool == a.pool), None)
+    if named is None or named == list(a.shard_cids):
+        return None
+    return (
+        f"the signed round result names shards {named} for pool {a.pool!r}, but this node was "
+        f"assigned {list(a.shard_cids)}: the coordinator judged its update against other data"
+    )
 
 
 def _pool_seed(seed: int, pool: str) -> int:
