@@ -69,6 +69,7 @@ from coordinator.aggregation import (
 )
 
 ROW_FLOOR = 0.25  # a row's median residual is floored at this share of the median row's
+MAJORITY = 3  # the fewest updates whose spread and row scores mean anything (a median to differ from)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def score_updates(
     sq, dot, dist, sdot = TreeSum(stack.r), TreeSum(stack.r), TreeSum(stack.r), TreeSum(stack.r)
     # Spread alignment and row ratios compare an update with the median one: with two updates
     # (or one) there is no majority to differ from, and both are left at their neutral values.
-    majority = stack.r >= 3
+    majority = stack.r >= MAJORITY
     agg_sq, spread_sq = TreeSum(1), TreeSum(1)
     for a, b in stack.spans():
         x = stack.rows(a, b)  # (R, c)

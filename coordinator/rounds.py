@@ -24,7 +24,7 @@ import torch
 
 from coordinator.aggregation import AggregationError
 from coordinator.defence import StageDefence, defend_stage
-from coordinator.detection import Reputation
+from coordinator.detection import MAJORITY, Reputation
 from coordinator.job import JobSpec
 from coordinator.placement import stage_memory
 from coordinator.state import now_ms
@@ -188,9 +188,10 @@ class RoundCloser:
             deltas = [self._delta(u["blob_cid"], spec.compression) for u in inputs]
             mom = self._load(momentum_cids[str(s)]) if str(s) in momentum_cids else None
             try:
-                absent = (
-                    [absent_of(u["pool"], shards.get(u["pool"], [])) for u in inputs] if absent_of else None
-                )
+                # With fewer updates than MAJORITY detection has no row scores: no shard need be read.
+                absent = None
+                if absent_of is not None and len(inputs) >= MAJORITY:
+                    absent = [absent_of(u["pool"], shards.get(u["pool"], [])) for u in inputs]
                 out = defend_stage(
                     start,
                     deltas,
