@@ -22,7 +22,7 @@ from corpus.shards import max_shard_bytes, read_shard
 from storage.blobstore import BlobStore
 from storage.manifest import DatasetManifest
 
-CACHED_SHARDS = 65_536  # shards remembered (a bit per token id each)
+CACHE_BYTES = 64 << 20  # shards remembered, a bit per token id each: 65 k shards at 8 k tokens
 
 
 class ShardTokens:
@@ -59,7 +59,7 @@ class ShardTokens:
         )
         seen = np.bincount(tokens.reshape(-1), minlength=self.vocab_size).astype(bool)
         self._present[cid] = np.packbits(seen)
-        while len(self._present) > CACHED_SHARDS:
+        while len(self._present) * len(self._present[cid]) > CACHE_BYTES and len(self._present) > 1:
             self._present.popitem(last=False)
         return seen
 

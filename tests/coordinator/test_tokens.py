@@ -51,7 +51,7 @@ def test_each_shard_is_read_once(dataset, monkeypatch):
     assert (tokens.absent([a, b]) == first).all() and (tokens.absent([b, a]) == first).all()
     assert sorted(reads) == sorted([a, b])
     # Past the cache's size the oldest shard is read again.
-    monkeypatch.setattr(tokens_module, "CACHED_SHARDS", 1)
+    monkeypatch.setattr(tokens_module, "CACHE_BYTES", 2)  # one shard's 12 bits take 2 bytes
     reads.clear()
     tokens = ShardTokens(store, ds, vocab_size=12)
     for cid in (a, b, a):
