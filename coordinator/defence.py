@@ -67,7 +67,7 @@ Tensors = dict[str, torch.Tensor]
 # ratio 1.8–4.6; ALIE with 2 of 20 pools (z = 0.13) at a spread shift of −0.16 to −0.22 (5.9 to
 # 79 robust sd), with 2 of 8 on the demo corpus at −0.39 to −0.47 (5.4 to 7.0 robust sd); a
 # trigger-token backdoor at a row ratio of 8–11 in the first round, 12–28 after, and at an
-# absent-row ratio of 14–110 (honest pools ≤ 1.9 there, ≤ 2.7 on the demo corpus). The row check
+# absent-row ratio of 14–110 (honest pools ≤ 1.9 there, ≤ 1.7 on the demo corpus). The row check
 # stays off: on the demo corpus, 8 pools, honest pools score up to 15 (a rare token that only one
 # pool's shard holds moves a row nobody else moves) and a backdoor's trigger rows 10–16, so it
 # is for jobs whose pools share a vocabulary's every token; set detection.max_row_ratio (10 in

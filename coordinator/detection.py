@@ -23,11 +23,12 @@ update u_i is scored against the robust aggregate a:
   as far (up to 15 among 8 pools of the demo corpus), so this check is opt-in;
 - its *absent-row ratio*, when the tokens its data holds are known (:func:`absent_tokens`
   of its pool's shards): the same ratio over the embedding and output rows of the tokens
-  that data does not hold. Training moves such a row only as every pool's does (pushing
-  down an unseen token's logit), so honest updates stay near 1 (under 2 in bench/defence.py,
-  under 3 on the demo corpus); a pool that writes a trigger its shards do not hold into its
-  batches moves the trigger's rows 14–110× as far. A trigger made of tokens its own shards
-  do hold is not seen by this check (the trimmed mean bounds it, see README).
+  that data does not hold, nor the data of at least half the stage's pools. Training moves
+  such a row only as every pool's does (pushing down an unseen token's logit), so honest
+  updates stay near 1 (under 2 in bench/defence.py and on the demo corpus); a pool that
+  writes a trigger its shards do not hold into its batches moves the trigger's rows 14–110×
+  as far. A trigger made of tokens its own shards, or most pools' shards, do hold is not
+  seen by this check (the trimmed mean bounds it, see README).
 
 Everything is float64 and deterministic: the sums over the parameter dimension
 are ``aggregation.TreeSum`` pairwise trees, independent of thread count and chunk size.
@@ -226,7 +227,7 @@ def score_updates(
         if rows:
             row_ratio, row_at = _row_ratios(norms_of(rows), rows)
         if tokens and absent is not None:
-            absent_ratio, absent_at = _row_ratios(norms_of(tokens), tokens, only=absent)
+            absent_ratio, absent_at = _row_ratios(norms_of(tokens), tokens, only=_widely_absent(absent))
 
     krum: list[float] | None = None
     if krum_f is not None and stack.r > 2 * krum_f + 2:
@@ -256,6 +257,22 @@ def score_updates(
             )
         )
     return scores
+
+
+def _widely_absent(absent: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Each known mask narrowed to the tokens at least half of the known masks lack too.
+
+    Those rows are moved by every pool only as an unseen token's is (its logit pushed down),
+    so their median residual is that common move. A token most pools' data hold is moved by
+    them from data, and a pool lacking it differs from them more and more as training goes
+    on (absent-row ratios rising to 3.6 in six rounds on the demo corpus, against at most 1.7
+    over the tokens most pools lack).
+    """
+    known = [m for m in absent if m is not None]
+    if not known:
+        return list(absent)
+    widely = 2 * np.sum(known, axis=0) >= len(known)
+    return [None if m is None else m & widely for m in absent]
 
 
 def _row_norms(stack: UpdateStack, agg: np.ndarray, blk: RowBlock) -> np.ndarray:

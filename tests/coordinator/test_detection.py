@@ -233,6 +233,11 @@ def test_story_a_row_of_a_token_its_data_does_not_hold_is_caught():
     present[60] = False
     scores = score_updates(ups, agg, tokens=tokens, absent=[absent] * 8 + [present])
     assert scores[8].absent_row_ratio < 3 and all(v.accepted for v in judge(scores, TUNED_DETECTION))
+    # A token most pools' data hold is not scored for the one that lacks it: they move its
+    # row from data, so a pool without it differs from them anyway.
+    held = absent_tokens([torch.arange(64)], 64)
+    scores = score_updates(ups, agg, tokens=tokens, absent=[held] * 8 + [absent])
+    assert scores[8].absent_row_ratio == 0.0 and all(v.accepted for v in judge(scores, TUNED_DETECTION))
     # Unknown data (None): no ratio and no verdict from it.
     scores = score_updates(ups, agg, tokens=tokens, absent=[None] * 9)
     assert all(s.absent_row_ratio is None and s.absent_row == "" for s in scores)
