@@ -22,6 +22,7 @@ import numpy as np
 
 from coordinator.aggregation import AggregationError
 from coordinator.defence import defend_stage
+from coordinator.detection import MAJORITY
 from coordinator.job import JobSpec
 from coordinator.rounds import SCORE_FIELDS, finite_score
 from coordinator.tokens import ShardTokens
@@ -59,11 +60,9 @@ def load_result(
     return body  # type: ignore[return-value]
 
 
-def _absent(
-    tokens: ShardTokens | None, cids: list[str] | None, pool: str, checks: list[Check]
-) -> np.ndarray | None:
+def _absent(tokens: ShardTokens, cids: list[str] | None, pool: str, checks: list[Check]) -> np.ndarray | None:
     """As the coordinator's closer: the pool's absent tokens, or None (the check skipped) when a shard cannot be read."""
-    if tokens is None or not cids:
+    if not cids:
         return None
     try:
         return tokens.absent(cids)
@@ -131,7 +130,7 @@ def verify_round(
         )
         # 3. the inputs
         try:
-            deltas, ids, absent = [], [], []
+            deltas, ids, pools = [], [], []
             for cid in stage.input_envelope_cids:
                 env = pb.Envelope.FromString(store.get_bytes(cid, max_bytes=64 << 10))
                 check_integrity(env)
@@ -143,7 +142,7 @@ def verify_round(
                     raise ProtocolError(f"blob {req.blob_cid} does not match the SHA-256 its node signed")
                 deltas.append(compression.decompress(tensors.load(data), spec.compression))
                 ids.append(make_update_id(spec.name, round, req, fingerprint(bytes(env.sender))))
-                absent.append(_absent(tokens, pool_shards.get(req.pool), req.pool, checks))
+                pools.append(req.pool)
             checks.append(Check(f"stage {s} inputs", True, f"{len(ids)} signed updates, blobs verified"))
         except (ProtocolError, ValueError) as e:
             checks.append(Check(f"stage {s} inputs", False, f"{type(e).__name__}: {e}"))
@@ -158,16 +157,12 @@ def verify_round(
             if stage.start_momentum_cid
             else None
         )
+        # As the closer: shards are read only where detection has row scores (MAJORITY updates).
+        absent = None
+        if tokens is not None and len(pools) >= MAJORITY:
+            absent = [_absent(tokens, pool_shards.get(p), p, checks) for p in pools]
         try:
-            out = defend_stage(
-                start,
-                deltas,
-                momentum,
-                defence,
-                ids,
-                outer=spec.outer,
-                absent=absent if tokens is not None else None,
-            )
+            out = defend_stage(start, deltas, momentum, defence, ids, outer=spec.outer, absent=absent)
         except AggregationError as e:
             checks.append(Check(f"stage {s} outcome", False, f"recomputation failed: {e}"))
             continue
