@@ -1,17 +1,20 @@
 """The coordinator under N simulated nodes, and the overhead of closing a round, against baselines of the same run.
 
-    python bench/coordinator.py [--nodes 100,1000] [--seconds 20] [--update-period 10]
+    python bench/coordinator.py [--nodes 100,1000] [--seconds 20] [--update-period 10] [--frontends 2]
                                 [--presets tiny,125m] [--skip-load] [--skip-round]
 
 About six minutes on two cores; --nodes, --seconds, --presets and --skip-* shorten it.
 
 1. Load. A real coordinator (``RunningCoordinator``, mTLS on loopback) runs in
-   its own OS process; this process plays N nodes with grpc.aio, one channel and
-   one client certificate per node, each enrolled through the Enroll RPC with
-   its own token (enrollment is not timed). The job is a small model cut into
-   S = 50 pipeline stages, N/S pools (so each stage aggregates N/S updates, as a
-   deep model over few pools would). In every window each node heartbeats once
-   a second, each time a freshly sealed envelope (new timestamp and nonce):
+   its own OS process, with ``--frontends`` front-end processes serving its main
+   port (coordinator/frontend.py; 0: the coordinator serves it itself); this
+   process plays N nodes with grpc.aio, one channel and one client certificate
+   per node, each enrolled through the Enroll RPC with its own token (enrollment
+   is not timed). The job is a small model cut into S = 50 pipeline stages, N/S
+   pools (so each stage aggregates N/S updates, as a deep model over few pools
+   would). In every window each node heartbeats once a second on its
+   HeartbeatStream call, as the node daemon does, each time a freshly sealed
+   envelope (new timestamp and nonce):
 
    - ``heartbeats``: heartbeats alone;
    - ``mixed``: heartbeats, plus every node submitting its stage's update once
@@ -29,9 +32,10 @@ About six minutes on two cores; --nodes, --seconds, --presets and --skip-* short
    committed to SQLite. Rounds that close in a window are part of it. Latencies are client-observed, from the call to its
    reply (sealing excluded). Baseline: the same envelope (and blob) checks in
    this process, one thread, no gRPC and no SQLite; and for heartbeats, a bare
-   gRPC echo server (same mTLS, thread pool and request bytes; no envelope
-   checks, no coordinator) under the same closed loop: what gRPC in Python
-   costs per call on this machine. Target: N = 1000 with p99 < 100 ms.
+   gRPC echo server (one process, the coordinator's mTLS and thread pool, the
+   same streams and request bytes; no envelope checks, no coordinator) under
+   the same loads: what gRPC in Python costs per heartbeat on this machine.
+   Server CPU is that of every server process. Target: N = 1000 with p99 < 100 ms.
 
 2. Round overhead. A coordinator in this process takes the R = 2 updates of a
    round (one stage per pool) of the ``tiny`` and ``125m`` presets as real
@@ -63,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +192,7 @@ def serve(home: str, conn: Any) -> None:
     from coordinator.server import RunningCoordinator
 
     running = RunningCoordinator(CoordinatorConfig.load(home)).start()
-    conn.send((running.port, running.enroll_port, os.getpid()))
+    conn.send((running.port, running.enroll_port, running.pids))
     conn.recv()
     running.stop(grace=0)
 
@@ -198,7 +202,7 @@ def serve_echo(conn: Any) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from protocol.limits import server_options
-    from protocol.server import SERVER_TUNING
+    from protocol.server import MAX_STREAMS, SERVER_TUNING
 
     ca = tls.make_ca()
     client = tls.make_client_cert(ca, "echo")
@@ -207,7 +211,13 @@ def serve_echo(conn: Any) -> None:
         def Heartbeat(self, request: pb.Envelope, context: Any) -> pb.HeartbeatReply:
             return pb.HeartbeatReply(server_time_ms=1)
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=32), options=server_options() + SERVER_TUNING)
+        def HeartbeatStream(self, requests: Any, context: Any) -> Any:
+            for _ in requests:
+                yield pb.HeartbeatReply(server_time_ms=1)
+
+    # The coordinator's thread pool: 32 for unary calls and one per stream it admits.
+    workers = 32 + MAX_STREAMS
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=server_options() + SERVER_TUNING)
     pb_grpc.add_NodeServiceServicer_to_server(Echo(), server)
     server_cert = tls.make_server_cert(ca, ["localhost", "127.0.0.1"])
     port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(ca.cert_pem, server_cert))
@@ -222,6 +232,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds of the coordinator's processes (its own and its front-ends')."""
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 @dataclass
 class SimNode:
     signer: Signer
@@ -231,6 +246,8 @@ class SimNode:
     stage: int = 0
     epoch: int = 0
     update: pb.SubmitUpdateRequest | None = None
+    stream: Any = None  # its HeartbeatStream call, opened at the first heartbeat
+    beating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one beat at a time on the stream
 
     def seal(self, body: Any, *, job: str = "", round: int = 0) -> pb.Envelope:
         return seal(self.signer, body, job=job, round=round)  # type: ignore[arg-type]
@@ -338,14 +355,19 @@ class Load:
             round=self.round,
             epoch=node.epoch,
         )
-        env = node.seal(body)
-        t0 = time.perf_counter()
-        try:
-            await node.stub.Heartbeat(env, timeout=60)
-            ok = True
-        except grpc.aio.AioRpcError:
-            ok = False
-        self.records.append(("heartbeat", t0, time.perf_counter(), ok))
+        async with node.beating:  # as the node daemon does: one beat, then its reply, on one stream
+            env = node.seal(body)
+            t0 = time.perf_counter()
+            try:
+                if node.stream is None:
+                    node.stream = node.stub.HeartbeatStream()
+                await node.stream.write(env)
+                ok = isinstance(await asyncio.wait_for(node.stream.read(), 60), pb.HeartbeatReply)
+            except (TimeoutError, grpc.aio.AioRpcError) as e:
+                print(f"  heartbeat failed: {e}", file=sys.stderr)
+                node.stream.cancel()
+                node.stream, ok = None, False
+            self.records.append(("heartbeat", t0, time.perf_counter(), ok))
 
     async def heartbeat_loop(self, node: SimNode, until: float) -> None:
         """Once a second, starting at a random phase; a late heartbeat does not make the next one early."""
@@ -428,6 +450,9 @@ class Load:
             self.lags.append((t, time.perf_counter() - t - 0.01))
 
     async def close(self) -> None:
+        for n in self.nodes:
+            if n.stream is not None:
+                n.stream.cancel()
         await asyncio.gather(*(n.channel.close() for n in self.nodes), self.admin_channel.close())
 
 
@@ -452,7 +477,7 @@ def window(load: Load, kind: str, t0: float, t1: float) -> tuple[float, float, f
     return len(lat) / (t1 - t0), percentile(lat, 0.5), percentile(lat, 0.99), sum(1 for r in recs if not r[3])
 
 
-async def run_load(load: Load, pid: int, seconds: float, update_period: float) -> list[Row]:
+async def run_load(load: Load, pids: list[int], seconds: float, update_period: float) -> list[Row]:
     n = load.n
     t = time.perf_counter()
     await load.setup()
@@ -472,9 +497,9 @@ async def run_load(load: Load, pid: int, seconds: float, update_period: float) -
         t0, t1 = start + 2.0, start + 2.0 + seconds
         tasks = [asyncio.create_task(c) for c in [*traffic(t1), load.watch_loop(t1)]]
         await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-        c0, p0 = cpu_seconds(pid), time.process_time()
+        c0, p0 = cpu_of(pids), time.process_time()
         await asyncio.sleep(max(0.0, t1 - time.perf_counter()))
-        c1, p1 = cpu_seconds(pid), time.process_time()
+        c1, p1 = cpu_of(pids), time.process_time()
         await asyncio.gather(*tasks)
         lag = percentile([late * 1e3 for when, late in load.lags if t0 <= when < t1], 0.99)
         for kind, off in offered.items():
@@ -508,7 +533,7 @@ async def run_load(load: Load, pid: int, seconds: float, update_period: float) -
     return rows
 
 
-def load_at(n: int, seconds: float, update_period: float) -> tuple[list[Row], int]:
+def load_at(n: int, seconds: float, update_period: float, frontends: int) -> tuple[list[Row], int]:
     with tempfile.TemporaryDirectory(prefix="panal-bench-") as tmp:
         home = Path(tmp) / "coord"
         # Enrolling 1000 nodes takes a while: a long node timeout keeps the first ones from being lost meanwhile.
@@ -519,17 +544,18 @@ def load_at(n: int, seconds: float, update_period: float) -> tuple[list[Row], in
             enroll_port=0,
             metrics_port=0,
             heartbeat_timeout_s=300,
+            frontends=frontends,
         )
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=serve, args=(str(home), child), daemon=True)
         proc.start()
-        port, enroll_port, pid = parent.recv()
+        port, enroll_port, pids = parent.recv()
 
         async def go() -> tuple[list[Row], int]:
             load = Load(home, port, enroll_port, n)
             try:
-                rows = await run_load(load, pid, seconds, update_period)
+                rows = await run_load(load, pids, seconds, update_period)
                 return rows, load.round
             finally:
                 await load.close()
@@ -577,15 +603,17 @@ def echo_paced(n: int, seconds: float) -> Row:
         lat: list[tuple[float, float]] = []  # (start, ms)
 
         async def node(channel: grpc.aio.Channel, until: float) -> None:
-            stub = pb_grpc.NodeServiceStub(channel)
+            stream = pb_grpc.NodeServiceStub(channel).HeartbeatStream()
             t = time.perf_counter() + random.random()
             while t < until:
                 await asyncio.sleep(max(0.0, t - time.perf_counter()))
                 env = seal(signer, pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=7))  # type: ignore[arg-type]
                 t0 = time.perf_counter()
-                await stub.Heartbeat(env, timeout=60)
+                await stream.write(env)
+                await stream.read()
                 lat.append((t0, (time.perf_counter() - t0) * 1e3))
                 t = max(t + 1.0, time.perf_counter())
+            stream.cancel()
 
         start = time.perf_counter()
         t0, t1 = start + 2.0, start + 2.0 + seconds  # the first 2 s warm up
@@ -628,12 +656,14 @@ def echo_capacity(n: int, seconds: float) -> Row:
         lat: list[float] = []
 
         async def worker(channel: grpc.aio.Channel, until: float) -> None:
-            stub = pb_grpc.NodeServiceStub(channel)
+            stream = pb_grpc.NodeServiceStub(channel).HeartbeatStream()
             while time.perf_counter() < until:
                 env = seal(signer, pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=7))  # type: ignore[arg-type]
                 t = time.perf_counter()
-                await stub.Heartbeat(env, timeout=60)
+                await stream.write(env)
+                await stream.read()
                 lat.append((time.perf_counter() - t) * 1e3)
+            stream.cancel()
 
         await asyncio.gather(*(worker(c, time.perf_counter() + 1.0) for c in channels))  # warm-up
         lat.clear()
@@ -909,6 +939,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured load window")
     parser.add_argument("--update-period", type=float, default=10.0, help="seconds between a node's updates")
     parser.add_argument("--presets", default="tiny,125m", help=f"comma-separated, of {', '.join(INNER)}")
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        default=2,
+        help="the coordinator's front-end processes (config.yaml `frontends`; 0: the coordinator serves all)",
+    )
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-round", action="store_true")
     args = parser.parse_args()
@@ -924,7 +960,7 @@ def main() -> None:
         hb_base, up_base = baselines()
         rows: list[Row] = []
         for n in ns:
-            got, rounds = load_at(n, args.seconds, args.update_period)
+            got, rounds = load_at(n, args.seconds, args.update_period, args.frontends)
             progress(f"N={n}: done, {rounds} rounds closed; gRPC echo")
             rows += [*got, echo_paced(n, args.seconds), echo_capacity(n, CAPACITY_SECONDS)]
         print_load(rows, hb_base, up_base, ns, args)

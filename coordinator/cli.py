@@ -52,6 +52,13 @@ def init_command(
     heartbeat_timeout: float = typer.Option(
         15.0, "--heartbeat-timeout", help="Seconds of silence before a node is lost."
     ),
+    frontends: int = typer.Option(
+        0,
+        "--frontends",
+        min=0,
+        max=64,
+        help="Front-end processes serving the main port (heartbeats on more cores); 0: this process serves it.",
+    ),
 ) -> None:
     """Create the CA, certificates, identities, config and database."""
     from coordinator.server import init
@@ -65,6 +72,7 @@ def init_command(
         bind=bind,
         store=store,
         heartbeat_timeout_s=heartbeat_timeout,
+        frontends=frontends,
     )
     console.print(f"coordinator created in {config.home}")
     console.print(
@@ -81,7 +89,8 @@ def serve_command(
     log_format: str = typer.Option("json", "--log-format", help="json (structured) or text."),
 ) -> None:
     """Serve until SIGTERM/SIGINT."""
-    from coordinator.server import serve, setup_logging
+    from coordinator.logs import setup_logging
+    from coordinator.server import serve
 
     setup_logging(log_format)
     serve(home)

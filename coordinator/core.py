@@ -25,7 +25,7 @@ from coordinator.job import JobSpec, JobSpecError, parse_job
 from coordinator.metrics import Metrics
 from coordinator.placement import NodeOffer, Placement, place, stage_memory
 from coordinator.rounds import RoundCloser
-from coordinator.state import Node, State, now_ms
+from coordinator.state import Node, State, authorize_node, heartbeat_status, now_ms
 from coordinator.updates import load_update, make_update_id
 from model.stage import initial_stage_weights
 from protocol import panal_pb2 as pb
@@ -88,11 +88,7 @@ class Coordinator:
             return
         if spec.name == "Enroll":
             return  # the token authorises it
-        node = self.state.node(verified.sender_id)
-        if node is None or node.public_key != verified.sender:
-            raise NotAuthorized(f"node {verified.sender_id} is not enrolled; enroll with a token first")
-        if node.state in ("evicted", "quarantined"):
-            raise NotAuthorized(f"node {verified.sender_id} was {node.state} by the admin")
+        authorize_node(self.state.node(verified.sender_id), verified.sender_id, verified.sender)
 
     def expected_context(self, spec: MethodSpec, env: pb.Envelope) -> tuple[str | None, int | None]:
         """SubmitUpdate must be for the open round of the running job."""
@@ -180,17 +176,7 @@ class Coordinator:
     def heartbeat(self, verified: Verified) -> pb.HeartbeatReply:
         req: pb.HeartbeatRequest = verified.body  # type: ignore[assignment]
         node_id = verified.sender_id
-        status = {
-            "state": pb.NodeState.Name(req.state),
-            "step": req.step,
-            "loss": req.loss,
-            "tokens_per_second": req.tokens_per_second,
-            "detail": req.detail[:500],
-            "round": req.round,
-            "weights_digest": req.weights_digest,
-            "epoch": req.epoch,
-        }
-        self.state.heartbeat(node_id, status)
+        self.state.heartbeat(node_id, heartbeat_status(req))
         self.metrics.heartbeats.inc()
         node = self.state.node(node_id)
         if node is not None and node.state == "lost":
@@ -213,11 +199,7 @@ class Coordinator:
         job = self.running_job()
         if job is None or node is None:
             return False
-        pool = self.state.cached(
-            ("pool", job["job"], node.pool),
-            ("pools",),
-            lambda: self.state.one("SELECT * FROM pools WHERE job=? AND pool=?", (job["job"], node.pool)),
-        )
+        pool = self.state.pool(job["job"], node.pool)
         if pool is None:
             return False
         if act_on_failure and req.epoch == int(pool["epoch"]):
@@ -265,13 +247,7 @@ class Coordinator:
         return signed.body
 
     def running_job(self) -> Any:
-        return self.state.cached(
-            ("running_job",),
-            ("jobs",),
-            lambda: self.state.one(
-                "SELECT * FROM jobs WHERE state IN ('waiting','running') ORDER BY created_ms DESC"
-            ),
-        )
+        return self.state.running_job()
 
     def job_spec(self, job: Any) -> JobSpec:
         return _parse_spec(job["spec"])

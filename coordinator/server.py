@@ -13,23 +13,30 @@ A coordinator directory holds::
 Enroll needs a client certificate issued by this CA); the enrollment port is
 server-authenticated TLS and serves Enroll only in practice, since every other
 call there lacks a client certificate and is refused by the interceptor.
+
+With ``frontends: K`` (K > 0) it also starts K front-end processes on the main
+port, which answer heartbeats on more cores and forward every other call to
+this process over a Unix socket (coordinator/frontend.py). For fleets of
+hundreds of nodes; the default, 0, serves everything from one process.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
+import os
+import shutil
 import signal
-import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import grpc
 import yaml
 
 from coordinator.core import Coordinator, Settings
+from coordinator.frontend import HEARTBEATS_KEY, FrontendProcess
 from coordinator.metrics import Metrics
 from coordinator.service import AdminService, NodeService
 from coordinator.state import State
@@ -52,6 +59,7 @@ class CoordinatorConfig:
     store: str = ""
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_s: float = 15.0
+    frontends: int = 0  # extra processes answering heartbeats on the main port (coordinator/frontend.py)
     admins: list[str] = field(default_factory=list)  # base64 Ed25519 public keys
 
     @classmethod
@@ -65,7 +73,12 @@ class CoordinatorConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(home=home, **data)
+        config = cls(home=home, **data)
+        if not isinstance(config.frontends, int) or not 0 <= config.frontends <= 64:
+            raise ValueError(
+                f"{path}: frontends must be a whole number from 0 to 64, not {config.frontends!r}"
+            )
+        return config
 
     def save(self) -> None:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "home"}
@@ -86,6 +99,7 @@ def init(
     bind: str = "127.0.0.1",
     store: str = "",
     heartbeat_timeout_s: float = 15.0,
+    frontends: int = 0,
 ) -> CoordinatorConfig:
     """Create a coordinator directory: CA, server certificate, identities, config, database."""
     home = Path(home).expanduser()
@@ -106,37 +120,12 @@ def init(
         metrics_listen=f"{bind}:{metrics_port}",
         store=store,
         heartbeat_timeout_s=heartbeat_timeout_s,
+        frontends=frontends,
         admins=[base64.b64encode(admin.public_key).decode()],
     )
     config.save()
     State(home / "state.db").close()
     return config
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    )
-    root = logging.getLogger("panal")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 class RunningCoordinator:
@@ -172,20 +161,56 @@ class RunningCoordinator:
         pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.coordinator), self.server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.coordinator), self.server)
         server_cert = tls.load(home / "server.pem", home / "server.key")
-        self.port = self.server.add_secure_port(
-            config.listen, tls.server_credentials(ca.cert_pem, server_cert)
-        )
+        # With front-ends, they listen on the main port (start() learns it) and this process does not.
+        self.port = 0
+        if not config.frontends:
+            self.port = self.server.add_secure_port(
+                config.listen, tls.server_credentials(ca.cert_pem, server_cert)
+            )
+            if not self.port:
+                raise OSError(f"cannot listen on {config.listen}: port in use?")
         self.enroll_port = self.server.add_secure_port(
             config.enroll_listen, tls.server_credentials(ca.cert_pem, server_cert, require_client_auth=False)
         )
-        if not self.port or not self.enroll_port:
-            raise OSError(f"cannot listen on {config.listen} and {config.enroll_listen}: ports in use?")
+        if not self.enroll_port:
+            raise OSError(f"cannot listen on {config.enroll_listen}: port in use?")
+        # Front-ends forward calls here over a Unix socket in a directory only this user can enter.
+        self.frontends: list[FrontendProcess] = []
+        self._run_dir: str | None = None
+        self.internal: grpc.Server | None = None
+        self.primary_address = ""
+        if config.frontends:
+            self._run_dir = tempfile.mkdtemp(prefix="panal-coordinator-")
+            primary = self.primary_address = f"unix:{self._run_dir}/coordinator.sock"
+            forwarded = EnvelopeInterceptor(
+                replay=interceptor.replay,
+                expected_context=self.coordinator.expected_context,
+                authorize=self.coordinator.authorize,
+                forwarded=True,
+            )
+            self.internal = build_server(forwarded, max_workers=32)
+            pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.coordinator), self.internal)
+            pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.coordinator), self.internal)
+            if not self.internal.add_insecure_port(primary):
+                raise OSError(f"cannot listen on {primary} for the front-ends")
+            self.frontends = [FrontendProcess(home, config.listen, primary) for _ in range(config.frontends)]
+        self._frontend_heartbeats = int(self.state.get_kv(HEARTBEATS_KEY) or 0)
         self._stop = threading.Event()
+        self._stopped = False
         self._tick_s = tick_s
         self._loop = threading.Thread(target=self._run_loop, name="panal-tick", daemon=True)
 
     def start(self) -> RunningCoordinator:
         self.server.start()
+        if self.internal is not None:
+            self.internal.start()
+        try:
+            for frontend in self.frontends:
+                frontend.port = self.port  # 0 for the first when the config says port 0: it picks one
+                self.port = frontend.start().port
+        except Exception:
+            self.stop(grace=0)
+            raise
         host, _, port = self.config.metrics_listen.rpartition(":")
         if int(port):
             self.metrics.serve(int(port), host)
@@ -202,15 +227,47 @@ class RunningCoordinator:
     def _run_loop(self) -> None:
         while not self._stop.wait(self._tick_s):
             try:
+                if self.frontends:
+                    self._watch_frontends()
                 self.coordinator.tick()
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("tick failed")
 
+    def _watch_frontends(self) -> None:
+        """Take in the front-ends' heartbeats (before the tick looks for silent nodes); restart one that died."""
+        self.state.merge_heartbeats()
+        count = int(self.state.get_kv(HEARTBEATS_KEY) or 0)
+        if count > self._frontend_heartbeats:
+            self.metrics.heartbeats.inc(count - self._frontend_heartbeats)
+        self._frontend_heartbeats = count
+        for frontend in self.frontends:
+            code = frontend.exited()
+            if code is not None and not self._stop.is_set():
+                log.error("front-end %s exited with code %s; starting it again", frontend.pid, code)
+                frontend.start()
+
+    @property
+    def pids(self) -> list[int]:
+        """This process and its front-ends."""
+        return [os.getpid(), *(f.pid for f in self.frontends if f.pid is not None)]
+
     def stop(self, grace: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
+        for frontend in self.frontends:
+            frontend.stop(grace)
         self.server.stop(grace).wait(grace + 1)
-        self._loop.join(timeout=5)
+        if self.internal is not None:
+            self.internal.stop(grace).wait(grace + 1)
+        if self._loop.is_alive():
+            self._loop.join(timeout=5)
+        if self.frontends:
+            self.state.merge_heartbeats()  # their last flush, so that nodes.status keeps it
         self.state.close()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("coordinator stopped")
 
 

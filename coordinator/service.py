@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -56,6 +56,12 @@ class NodeService(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
     @mapped
     def Heartbeat(self, verified: Verified, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         return self.c.heartbeat(verified)
+
+    def HeartbeatStream(
+        self, verified: Iterator[Verified], context: grpc.ServicerContext
+    ) -> Iterator[pb.HeartbeatReply]:
+        for v in verified:  # each checked by the interceptor as a Heartbeat
+            yield self.c.heartbeat(v)
 
     @mapped
     def GetAssignment(self, verified: Verified, context: grpc.ServicerContext) -> pb.GetAssignmentReply:

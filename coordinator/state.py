@@ -7,12 +7,20 @@ call that caused it is answered: nothing acknowledged is lost.
 
 Heartbeat times are the exception: they change every second per node, so they
 live in memory and are written back at most every few seconds (a restarted
-coordinator gives every node a fresh grace period instead).
+coordinator gives every node a fresh grace period instead). Front-end processes
+(coordinator/frontend.py) serve heartbeats too and write theirs back the same
+way; the coordinator takes them in with :meth:`State.merge_heartbeats`. A
+heartbeat is only ever written over an older one, whoever writes it.
 
 What every call reads (the sender's node, the running job, its pools) is served
 from memory: :meth:`State.cached` keeps a query's result until a table it read
 is written. SQLite itself reports each write (temporary triggers call back into
 Python), so no writer, here or in another module, can leave a cached row stale.
+A ``shared`` State (a front-end's) also drops its cache whenever another process
+has committed, since their triggers do not reach it: a thread of its own polls
+``PRAGMA data_version`` every few milliseconds, so that reads stay lock-free. It
+polls on the connection it writes its heartbeats with (``own``), whose commits
+SQLite does not count as another's: a front-end's own writes drop nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from protocol import panal_pb2 as pb
+from protocol.errors import NotAuthorized
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes(
@@ -59,6 +70,11 @@ CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value TEXT);
 """
 
 HEARTBEAT_FLUSH_S = 5.0
+FOLLOW_S = 0.005  # how often a shared State looks for other processes' commits
+# A heartbeat is written over an older one only: (time, status JSON, node, time).
+HEARTBEAT_SQL = (
+    "UPDATE nodes SET last_heartbeat_ms=?, status=? WHERE node_id=? AND COALESCE(last_heartbeat_ms, 0) < ?"
+)
 
 # The tables State.cached may read, and the writes that invalidate what it read.
 # A node's heartbeat columns are left out: flush_heartbeats copies them from
@@ -95,8 +111,10 @@ class Node:
 class State:
     """Thread-safe access to the coordinator's SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, shared: bool = False, flush_s: float = HEARTBEAT_FLUSH_S) -> None:
         self.path = Path(path)
+        self.shared = shared
+        self.flush_s = flush_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -107,6 +125,11 @@ class State:
         self.lock = threading.RLock()
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
         self._flushed = time.monotonic()
+        self._data_version = -1  # another connection's last commit, as SQLite counts them
+        # shared: heartbeats (and nothing the cache reads) are written on this connection.
+        self.own: sqlite3.Connection | None = None
+        self.own_lock = threading.Lock()
+        self._merge_db: sqlite3.Connection | None = None  # merge_heartbeats' own connection
         self._versions = dict.fromkeys(WATCHED, 0)  # writes seen per table
         self._cache: dict[Hashable, tuple[tuple[int, ...], Any]] = {}
         self._db.create_function("panal_changed", 1, self._changed)
@@ -116,11 +139,23 @@ class State:
                     f"CREATE TEMP TRIGGER panal_{table}_{event.split()[0].lower()} AFTER {event} ON {table}"
                     f" BEGIN SELECT panal_changed('{table}'); END"
                 )
+        self._closed = threading.Event()
+        if shared:
+            self.own = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self.own.execute("PRAGMA synchronous=NORMAL")  # heartbeat times may be lost; nothing else is here
+            self._follow_other_writers()
+            threading.Thread(target=self._follow_loop, name="panal-state-follow", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         with self.lock:
             self.flush_heartbeats()
             self._db.close()
+            if self._merge_db is not None:
+                self._merge_db.close()
+        if self.own is not None:
+            with self.own_lock:
+                self.own.close()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -165,6 +200,25 @@ class State:
     def _changed(self, table: str) -> None:
         self._versions[table] += 1
 
+    def _follow_loop(self) -> None:
+        while not self._closed.wait(FOLLOW_S):
+            try:
+                self._follow_other_writers()
+            except sqlite3.Error:  # closed meanwhile, or busy: the next poll tries again
+                if self._closed.is_set():
+                    return
+
+    def _follow_other_writers(self) -> None:
+        """Forget every cached read once another connection (process) has committed."""
+        assert self.own is not None
+        with self.own_lock:
+            version = self.own.execute("PRAGMA data_version").fetchone()[0]
+        with self.lock:
+            if version != self._data_version:
+                self._data_version = version
+                for table in self._versions:
+                    self._changed(table)
+
     # ---------------------------------------------------------------- kv
 
     def get_kv(self, key: str, default: str | None = None) -> str | None:
@@ -194,6 +248,25 @@ class State:
         else:
             with self.tx() as conn:
                 conn.execute(sql, args)
+
+    # ---------------------------------------------------------------- jobs
+
+    def running_job(self) -> sqlite3.Row | None:
+        """The job waiting for its pools or running, the newest if several."""
+        return self.cached(
+            ("running_job",),
+            ("jobs",),
+            lambda: self.one(
+                "SELECT * FROM jobs WHERE state IN ('waiting','running') ORDER BY created_ms DESC"
+            ),
+        )
+
+    def pool(self, job: str, pool: str) -> sqlite3.Row | None:
+        return self.cached(
+            ("pool", job, pool),
+            ("pools",),
+            lambda: self.one("SELECT * FROM pools WHERE job=? AND pool=?", (job, pool)),
+        )
 
     # ---------------------------------------------------------------- nodes
 
@@ -241,23 +314,39 @@ class State:
         ]
 
     def heartbeat(self, node_id: str, status: dict[str, Any]) -> None:
-        """Record a heartbeat in memory; written to disk every few seconds."""
+        """Record a heartbeat in memory; written to disk every few seconds (by the coordinator's tick)."""
         self._heartbeats[node_id] = (now_ms(), status)  # one dict store: atomic, no lock needed
-        self.flush_heartbeats_if_due()
 
     def flush_heartbeats_if_due(self) -> None:
-        if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:
+        if time.monotonic() - self._flushed > self.flush_s:
             with self.lock:
-                if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:  # not just done by another thread
+                if time.monotonic() - self._flushed > self.flush_s:  # not just done by another thread
                     self.flush_heartbeats()
 
     def flush_heartbeats(self) -> None:
+        """Write the heartbeats held in memory over older ones on disk (never over newer ones)."""
         with self.lock:
-            rows = [(ts, json.dumps(st), nid) for nid, (ts, st) in list(self._heartbeats.items())]
+            rows = [(ts, json.dumps(st), nid, ts) for nid, (ts, st) in list(self._heartbeats.items())]
             if rows:
                 with self.tx() as db:
-                    db.executemany("UPDATE nodes SET last_heartbeat_ms=?, status=? WHERE node_id=?", rows)
+                    db.executemany(HEARTBEAT_SQL, rows)
             self._flushed = time.monotonic()
+
+    def merge_heartbeats(self) -> None:
+        """Take in the heartbeats other processes (front-ends) wrote: on disk, newer than in memory.
+
+        Read on a connection of its own, without the state lock: the calls being answered
+        meanwhile do not wait for it. One caller at a time (the coordinator's tick).
+        """
+        if self._merge_db is None:
+            self._merge_db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        rows = self._merge_db.execute(
+            "SELECT node_id, last_heartbeat_ms, status FROM nodes WHERE state IN ('active', 'lost')"
+        ).fetchall()
+        for node_id, ts, status in rows:
+            held = self._heartbeats.get(node_id)
+            if ts and (held is None or ts > held[0]):
+                self._heartbeats[node_id] = (ts, json.loads(status or "{}"))
 
     def set_node_state(self, node_id: str, state: str, db: sqlite3.Connection | None = None) -> None:
         if db is not None:
@@ -265,3 +354,26 @@ class State:
         else:
             with self.tx() as conn:
                 conn.execute("UPDATE nodes SET state=? WHERE node_id=?", (state, node_id))
+
+
+def heartbeat_status(req: pb.HeartbeatRequest) -> dict[str, Any]:
+    """What a heartbeat reports, as kept for `panal admin status` and `nodes`."""
+    return {
+        "state": pb.NodeState.Name(req.state),
+        "step": req.step,
+        "loss": req.loss,
+        "tokens_per_second": req.tokens_per_second,
+        "detail": req.detail[:500],
+        "round": req.round,
+        "weights_digest": req.weights_digest,
+        "epoch": req.epoch,
+    }
+
+
+def authorize_node(node: Node | None, node_id: str, public_key: bytes) -> Node:
+    """The sender is an enrolled node, signing with its enrolled key, not evicted or quarantined."""
+    if node is None or node.public_key != public_key:
+        raise NotAuthorized(f"node {node_id} is not enrolled; enroll with a token first")
+    if node.state in ("evicted", "quarantined"):
+        raise NotAuthorized(f"node {node_id} was {node.state} by the admin")
+    return node

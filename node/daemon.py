@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from google.protobuf.json_format import MessageToJson
 
 from protocol import panal_pb2 as pb
 from protocol import tls
-from protocol.client import Client
+from protocol.client import Client, HeartbeatStream
 from protocol.identity import load_or_create
 
 log = logging.getLogger("panal.node")
@@ -39,6 +40,9 @@ log = logging.getLogger("panal.node")
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
 WORKER_GRACE_S = 3.0
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# A coordinator that serves no heartbeat streams (older) or holds too many: unary calls for a while.
+STREAM_REFUSED = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+UNARY_FALLBACK_S = 600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +111,8 @@ class NodeDaemon:
         self.worker: subprocess.Popen[bytes] | None = None
         self.worker_epoch: tuple[str, int] | None = None
         self.backoff = BACKOFF_MIN_S
+        self.stream: HeartbeatStream | None = None  # heartbeats on one long-lived call
+        self.unary_until = 0.0  # monotonic time before which heartbeats are unary calls
 
     # ------------------------------------------------------------ enrollment
 
@@ -171,6 +177,8 @@ class NodeDaemon:
                     )  # type: ignore[attr-defined]
                     self.stopping.wait(self.backoff)
                     self.backoff = min(BACKOFF_MAX_S, self.backoff * 2)
+            if self.stream is not None:
+                self.stream.close()
         self._stop_worker()
         log.info("node stopped")
         return 0
@@ -181,9 +189,8 @@ class NodeDaemon:
         state = status.get("state", "NODE_STATE_IDLE")
         if self.worker is not None and not worker_alive and self.worker.returncode not in (0, None):
             state = "NODE_STATE_FAILED"
-        reply = c.call(
-            c.node,
-            "Heartbeat",
+        reply = self._heartbeat(
+            c,
             pb.HeartbeatRequest(
                 state=pb.NodeState.Value(state),
                 step=int(status.get("step", 0)),
@@ -213,6 +220,26 @@ class NodeDaemon:
         if self.worker is not None and self.worker.returncode not in (0, None) and self.worker_epoch == key:
             return  # it failed in this epoch; the coordinator knows (FAILED) and will move the pool on
         self._start_worker(a)
+
+    def _heartbeat(self, c: Client, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        """One heartbeat on the stream (opened as needed), or a unary call where streams are not served."""
+        if time.monotonic() >= self.unary_until:
+            if self.stream is None:
+                self.stream = HeartbeatStream(c)
+            try:
+                return self.stream.beat(request)
+            except grpc.RpcError as e:
+                self.stream.close()
+                self.stream = None
+                if e.code() not in STREAM_REFUSED:  # type: ignore[attr-defined]
+                    raise
+                log.info(
+                    "coordinator takes no heartbeat stream now (%s); unary heartbeats for %.0f s",
+                    e.code().name,  # type: ignore[attr-defined]
+                    UNARY_FALLBACK_S,
+                )
+                self.unary_until = time.monotonic() + UNARY_FALLBACK_S
+        return c.call(c.node, "Heartbeat", request)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ the worker
 

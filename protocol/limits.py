@@ -59,6 +59,10 @@ _SPECS = (
 )
 
 METHODS: dict[str, MethodSpec] = {spec.path: spec for spec in _SPECS}
+# Streaming methods -> the unary method whose checks and limit each of their messages gets.
+STREAMS: dict[str, MethodSpec] = {
+    "/panal.v1.NodeService/HeartbeatStream": METHODS["/panal.v1.NodeService/Heartbeat"],
+}
 MAX_REQUEST_BYTES = max(spec.max_request_bytes for spec in _SPECS)
 
 

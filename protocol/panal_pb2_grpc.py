@@ -46,6 +46,11 @@ class NodeServiceStub:
                 request_serializer=protocol_dot_panal__pb2.Envelope.SerializeToString,
                 response_deserializer=protocol_dot_panal__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/panal.v1.NodeService/HeartbeatStream',
+                request_serializer=protocol_dot_panal__pb2.Envelope.SerializeToString,
+                response_deserializer=protocol_dot_panal__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
         self.GetAssignment = channel.unary_unary(
                 '/panal.v1.NodeService/GetAssignment',
                 request_serializer=protocol_dot_panal__pb2.Envelope.SerializeToString,
@@ -85,6 +90,16 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HeartbeatStream(self, request_iterator, context):
+        """The same heartbeats on one long-lived call, as the node daemon sends them:
+        each message is a signed HeartbeatRequest envelope, checked as Heartbeat's
+        are, and gets one HeartbeatReply; a message that fails a check ends the
+        call with that check's status. Cheaper per beat than a call each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetAssignment(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +128,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=protocol_dot_panal__pb2.Envelope.FromString,
+                    response_serializer=protocol_dot_panal__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
                     request_deserializer=protocol_dot_panal__pb2.Envelope.FromString,
                     response_serializer=protocol_dot_panal__pb2.HeartbeatReply.SerializeToString,
             ),
@@ -186,6 +206,33 @@ class NodeService:
             request,
             target,
             '/panal.v1.NodeService/Heartbeat',
+            protocol_dot_panal__pb2.Envelope.SerializeToString,
+            protocol_dot_panal__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/panal.v1.NodeService/HeartbeatStream',
             protocol_dot_panal__pb2.Envelope.SerializeToString,
             protocol_dot_panal__pb2.HeartbeatReply.FromString,
             options,

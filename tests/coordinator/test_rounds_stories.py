@@ -22,7 +22,7 @@ from coordinator.server import CoordinatorConfig, RunningCoordinator, init
 from corpus.shards import shard_bytes
 from protocol import panal_pb2 as pb
 from protocol import tls
-from protocol.client import Client
+from protocol.client import Client, HeartbeatStream
 from protocol.envelope import open_envelope, seal
 from protocol.hashing import sha256
 from protocol.identity import Identity
@@ -241,6 +241,21 @@ def test_story_malformed_pseudo_gradients(world, story, tamper, reason):
     _, req = make_update(world, n, a, tamper=tamper)
     reply = submit(n, a, req)
     assert reply.status == pb.UPDATE_STATUS_REJECTED and reason in reply.reason, (story, reply.reason)
+
+
+def test_heartbeats_on_a_stream_reach_the_coordinator_and_stop_at_eviction(world):
+    node = enroll(world, "pool-a")
+    stream = HeartbeatStream(node.client)
+    for step in (5, 6):
+        assert stream.beat(pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=step)).server_time_ms > 0
+    state = world["running"].coordinator.state
+    assert state.node(node.identity.fingerprint).status["step"] == 6
+    admin(world, "EvictNode", pb.EvictNodeRequest(node_id=node.identity.fingerprint, reason="test"))
+    with pytest.raises(grpc.RpcError) as info:
+        stream.beat(pb.HeartbeatRequest(step=7))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "evicted" in info.value.details()
+    stream.close()
+    assert state.node(node.identity.fingerprint).status["step"] == 6
 
 
 def test_story_an_update_from_an_evicted_node(world):

@@ -8,6 +8,7 @@ the real interceptor, real TLS and real envelopes.
 
 from __future__ import annotations
 
+import queue
 import time
 
 import grpc
@@ -24,6 +25,7 @@ from protocol.server import EnvelopeInterceptor, build_server
 
 JOB, ROUND = "job-1", 3
 TIMEOUT = 10
+MAX_STREAMS = 2
 
 
 class EchoNodeService(pb_grpc.NodeServiceServicer):
@@ -37,6 +39,10 @@ class EchoNodeService(pb_grpc.NodeServiceServicer):
             server_time_ms=int(time.time() * 1000),
             message=f"{verified.sender_id}:{verified.body.step}",
         )
+
+    def HeartbeatStream(self, verified, context):
+        for v in verified:
+            yield pb.HeartbeatReply(message=f"{v.sender_id}:{v.body.step}")
 
     def SubmitUpdate(self, verified, context):
         self.updates.append((verified.sender_id, verified.body.blob_cid))
@@ -63,7 +69,9 @@ def pki():
 @pytest.fixture(scope="module")
 def server(pki):
     servicer = EchoNodeService()
-    interceptor = EnvelopeInterceptor(replay=ReplayGuard(window_ms=30_000), expected_context=expected_context)
+    interceptor = EnvelopeInterceptor(
+        replay=ReplayGuard(window_ms=30_000), expected_context=expected_context, max_streams=MAX_STREAMS
+    )
     srv = build_server(interceptor, max_workers=4)
     pb_grpc.add_NodeServiceServicer_to_server(servicer, srv)
     port = srv.add_secure_port("127.0.0.1:0", tls.server_credentials(pki["ca"].cert_pem, pki["server"]))
@@ -236,3 +244,66 @@ def test_story_a_server_certificate_from_another_ca(server, pki):
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.NodeServiceStub(ch).Heartbeat(seal(pki["node"], pb.HeartbeatRequest()), timeout=TIMEOUT)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class OpenStream:
+    """A heartbeat stream held open: send() one envelope, read its reply."""
+
+    def __init__(self, stub):
+        self.requests = queue.SimpleQueue()
+        self.call = stub.HeartbeatStream(iter(self.requests.get, None), timeout=TIMEOUT)
+        self.replies = iter(self.call)
+
+    def send(self, env):
+        self.requests.put(env)
+        return next(self.replies)
+
+    def close(self):
+        self.requests.put(None)
+        self.call.cancel()
+
+
+def test_a_heartbeat_stream_checks_every_message_and_ends_at_the_first_bad_one(node_stub, pki):
+    stub, _ = node_stub
+    stream = OpenStream(stub)
+    for step in (1, 2):
+        assert stream.send(seal(pki["node"], pb.HeartbeatRequest(step=step))).message.endswith(f":{step}")
+    env = seal(pki["node"], pb.HeartbeatRequest(step=3))
+    env.payload = bytes([env.payload[0] ^ 0x04]) + env.payload[1:]
+    assert_rejected(lambda: stream.send(env), grpc.StatusCode.DATA_LOSS, "IntegrityError")
+    stream.close()
+    # A replayed beat ends a stream too; a new stream is served.
+    replayed = seal(pki["node"], pb.HeartbeatRequest(step=4))
+    stream = OpenStream(stub)
+    stream.send(replayed)
+    assert_rejected(lambda: stream.send(replayed), grpc.StatusCode.ALREADY_EXISTS, "ReplayError")
+    stream.close()
+    assert OpenStream(stub).send(seal(pki["node"], pb.HeartbeatRequest(step=5))).message.endswith(":5")
+
+
+def test_a_server_holds_at_most_max_streams_and_unary_calls_go_on(node_stub, pki):
+    stub, _ = node_stub
+    held = [OpenStream(stub) for _ in range(MAX_STREAMS)]
+    for s in held:  # each now holds one of the server's threads
+        s.send(seal(pki["node"], pb.HeartbeatRequest(step=1)))
+    extra = OpenStream(stub)
+    with pytest.raises(grpc.RpcError) as info:
+        extra.send(seal(pki["node"], pb.HeartbeatRequest(step=1)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "unary Heartbeat" in info.value.details()
+    assert_still_serving(stub, pki["node"])  # unary calls have threads of their own
+    held.pop().close()
+
+    def admitted():
+        s = OpenStream(stub)
+        try:
+            return s.send(seal(pki["node"], pb.HeartbeatRequest(step=9))).message.endswith(":9")
+        except grpc.RpcError:
+            return False
+        finally:
+            s.close()
+
+    deadline = time.monotonic() + TIMEOUT  # the closed stream's thread is released when its call ends
+    while not admitted():
+        assert time.monotonic() < deadline, "a closed stream's place was not given back"
+    for s in held:
+        s.close()
