@@ -62,6 +62,7 @@ class Coordinator:
         settings: Settings = Settings(),
         metrics: Metrics | None = None,
         on_round_closed: Callable[[str, int], None] | None = None,
+        close_in_background: bool = False,
     ) -> None:
         self.state = state
         self.store = store
@@ -73,6 +74,11 @@ class Coordinator:
         self.lock = threading.RLock()
         self.closer = RoundCloser(self)
         self.on_round_closed = on_round_closed
+        # With close_in_background, the update that completes a round is answered once committed,
+        # and this event wakes the coordinator's loop to close it (close_if_complete); otherwise the
+        # submitting call closes it before it is answered.
+        self.close_in_background = close_in_background
+        self.round_ready = threading.Event()
         # A restarted coordinator gives every node a fresh grace period.
         for node in state.nodes():
             if node.state == "active":
@@ -503,7 +509,10 @@ class Coordinator:
                     stage=req.stage,
                 )
             self.metrics.updates.labels(status="accepted").inc()
-            self.closer.maybe_close(job, round)
+            if not self.close_in_background:
+                self.closer.maybe_close(job, round)
+        if self.close_in_background:
+            self.round_ready.set()
         return pb.SubmitUpdateReply(status=pb.UPDATE_STATUS_ACCEPTED, update_id=update_id)
 
     def _reject(self, verified: Verified, update_id: str, reason: str) -> pb.SubmitUpdateReply:
@@ -563,6 +572,12 @@ class Coordinator:
         )
 
     # ------------------------------------------------------------ faults and time
+
+    def close_if_complete(self) -> None:
+        """Close the open round if every expected update is in (the loop's answer to ``round_ready``)."""
+        job = self.running_job()
+        if job is not None and job["state"] == "running":
+            self.closer.maybe_close(job["job"], int(job["round"]))
 
     def tick(self) -> None:
         """Periodic work: node timeouts, job start, round deadlines. Safe to call at any time."""

@@ -29,10 +29,12 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 import yaml
 
 from coordinator.core import Coordinator, Settings
@@ -151,7 +153,11 @@ class RunningCoordinator:
                 heartbeat_timeout_s=config.heartbeat_timeout_s,
             ),
             metrics=self.metrics,
+            close_in_background=True,
         )
+        if config.frontends:
+            # Round work (aggregation) leaves the front-ends the cores they were given.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.frontends))
         interceptor = EnvelopeInterceptor(
             replay=ReplayGuard(),
             expected_context=self.coordinator.expected_context,
@@ -225,11 +231,22 @@ class RunningCoordinator:
         return self
 
     def _run_loop(self) -> None:
-        while not self._stop.wait(self._tick_s):
+        """Every tick: node timeouts, job start, round deadlines; at once: a round whose updates are all in."""
+        ready = self.coordinator.round_ready
+        next_tick = time.monotonic() + self._tick_s
+        while not self._stop.is_set():
+            woke = ready.wait(max(0.0, next_tick - time.monotonic()))
+            if self._stop.is_set():
+                break
             try:
-                if self.frontends:
-                    self._watch_frontends()
-                self.coordinator.tick()
+                if woke:
+                    ready.clear()
+                    self.coordinator.close_if_complete()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick_s
+                    if self.frontends:
+                        self._watch_frontends()
+                    self.coordinator.tick()
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("tick failed")
 
@@ -256,6 +273,7 @@ class RunningCoordinator:
             return
         self._stopped = True
         self._stop.set()
+        self.coordinator.round_ready.set()  # wakes the loop
         for frontend in self.frontends:
             frontend.stop(grace)
         self.server.stop(grace).wait(grace + 1)

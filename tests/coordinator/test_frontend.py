@@ -110,7 +110,9 @@ def test_a_front_end_answers_heartbeats_and_the_coordinator_sees_them(fleet):
     # The daemon's way: heartbeats on one long-lived stream, answered here as well.
     stream = HeartbeatStream(node.client)
     for step in (42, 43):
-        assert not stream.beat(pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=step)).assignment_changed
+        assert not stream.beat(
+            pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=step)
+        ).assignment_changed
     stream.close()
     wait_for(lambda: state.node(node.identity.fingerprint).status.get("step") == 43, what="the streamed beat")
     # Forwarded calls answer as the coordinator does.

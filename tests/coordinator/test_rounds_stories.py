@@ -156,6 +156,14 @@ def submit(node, a, req):
     return node.call("SubmitUpdate", req, job=a.job, round=a.round)
 
 
+def round_result(node, rnd):
+    """The signed result of round ``rnd``, once the coordinator's loop has closed it (as nodes poll for it)."""
+    return wait_for(
+        lambda: (got := node.call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=rnd)).ready and got,
+        what=f"round {rnd} closed",
+    )
+
+
 def test_a_round_aggregates_with_the_outer_step_and_publishes_a_signed_result(world):
     nodes = running_job(world)
     deltas = {}
@@ -165,10 +173,8 @@ def test_a_round_aggregates_with_the_outer_step_and_publishes_a_signed_result(wo
             deltas[(pool, a.stage)], req = make_update(world, n, a, seed=hash((pool, a.stage)) % 1000)
             assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED
     n0 = nodes["pool-a"][0]
-    a0 = assignment(n0)
-    assert a0.round == 1, "all four updates in: the round closed and round 1 opened"
-    got = n0.call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=0)
-    assert got.ready
+    got = round_result(n0, 0)
+    assert assignment(n0).round == 1, "all four updates in: the round closed and round 1 opened"
     result = open_envelope(got.result, pb.RoundResult, replay=None, job="j1", round=0).body
     assert bytes(got.result.sender) == Identity.load(world["home"] / "coordinator.key").public_key
     assert sorted(result.pools) == POOLS and all(not s.rejected for s in result.stages)
@@ -314,6 +320,7 @@ def test_story_the_coordinator_restarts_mid_round_and_loses_nothing(world):
                 continue
             _, r = make_update(world, node, b)
             assert submit(node, b, r).status == pb.UPDATE_STATUS_ACCEPTED
+    round_result(nodes["pool-b"][0], 0)
     assert admin(world, "ListRounds", pb.ListRoundsRequest()).rounds[0].round == 1
 
 
@@ -332,8 +339,8 @@ def test_story_a_pool_whose_world_cannot_form_is_reported_and_the_round_goes_on(
         a = assignment(n)
         _, req = make_update(world, n, a)
         assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED
-    got = nodes["pool-b"][0].call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=0)
-    assert got.ready and list(open_envelope(got.result, pb.RoundResult, replay=None).body.pools) == ["pool-b"]
+    got = round_result(nodes["pool-b"][0], 0)
+    assert list(open_envelope(got.result, pb.RoundResult, replay=None).body.pools) == ["pool-b"]
     again = assignment(a_node)
     assert again.round == 1 and again.epoch == epoch + 1  # a fresh world for the next round
 
@@ -366,7 +373,7 @@ def test_story_a_poisoning_pool_is_rejected_then_quarantined_then_readmitted(wor
 
             _, req = make_update(world, n, a, tamper=honest_or_flipped)
             assert submit(n, a, req).status == pb.UPDATE_STATUS_ACCEPTED  # passes every check at submission
-        got = nodes["pool-a"].call("GetRoundResult", pb.GetRoundResultRequest(), job="j1", round=rnd)
+        got = round_result(nodes["pool-a"], rnd)
         result = open_envelope(got.result, pb.RoundResult, replay=None).body
         assert result.pools == ["pool-a", "pool-b"]
         (rejected,) = result.stages[0].rejected
@@ -408,6 +415,7 @@ def test_anyone_can_recompute_a_round_from_the_store(world):
                 a = assignment(n)
                 _, req = make_update(world, n, a, seed=rnd * 10 + a.stage)
                 submit(n, a, req)
+        round_result(nodes["pool-a"][0], rnd)
     rows = {r.round: r.result_cid for r in admin(world, "ListRounds", pb.ListRoundsRequest()).rounds}
     spec = JobSpec.model_validate_json(admin(world, "GetJob", pb.GetJobRequest()).spec_yaml)
     key = Identity.load(world["home"] / "coordinator.key").public_key

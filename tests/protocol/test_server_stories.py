@@ -289,7 +289,9 @@ def test_a_server_holds_at_most_max_streams_and_unary_calls_go_on(node_stub, pki
     extra = OpenStream(stub)
     with pytest.raises(grpc.RpcError) as info:
         extra.send(seal(pki["node"], pb.HeartbeatRequest(step=1)))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "unary Heartbeat" in info.value.details()
+    assert (
+        info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "unary Heartbeat" in info.value.details()
+    )
     assert_still_serving(stub, pki["node"])  # unary calls have threads of their own
     held.pop().close()
 
