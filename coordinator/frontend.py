@@ -48,6 +48,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.logs import JsonFormatter, setup_logging
 from coordinator.state import HEARTBEAT_SQL, State, authorize_node, heartbeat_status, now_ms
 from protocol import panal_pb2 as pb
 from protocol import tls
@@ -225,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json")
     args = parser.parse_args(argv)
 
-    from coordinator.logs import setup_logging
-
     setup_logging(args.log_format)
     return asyncio.run(serve(args.home, args.listen, args.primary))
 
@@ -291,7 +290,10 @@ class FrontendProcess:
         }
         host = self.listen.rpartition(":")[0]
         listen = f"{host}:{self.port}" if self.port else self.listen
+        handlers = logging.getLogger("panal").handlers
+        text = handlers and not any(isinstance(h.formatter, JsonFormatter) for h in handlers)
         args = ["-m", "coordinator.frontend", str(self.home), "--listen", listen, "--primary", self.primary]
+        args += ["--log-format", "text" if text else "json"]  # as the coordinator logs
         self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -111,10 +111,9 @@ class Node:
 class State:
     """Thread-safe access to the coordinator's SQLite file."""
 
-    def __init__(self, path: str | Path, *, shared: bool = False, flush_s: float = HEARTBEAT_FLUSH_S) -> None:
+    def __init__(self, path: str | Path, *, shared: bool = False) -> None:
         self.path = Path(path)
         self.shared = shared
-        self.flush_s = flush_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -318,9 +317,9 @@ class State:
         self._heartbeats[node_id] = (now_ms(), status)  # one dict store: atomic, no lock needed
 
     def flush_heartbeats_if_due(self) -> None:
-        if time.monotonic() - self._flushed > self.flush_s:
+        if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:
             with self.lock:
-                if time.monotonic() - self._flushed > self.flush_s:  # not just done by another thread
+                if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:  # not just done by another thread
                     self.flush_heartbeats()
 
     def flush_heartbeats(self) -> None:
