@@ -61,6 +61,7 @@ class SimulateOptions:
     eval_batches: int = 8
     timeout_s: float = 1800.0
     extra_job: dict[str, Any] = field(default_factory=dict)
+    frontends: int = 0  # the coordinator's front-end processes (coordinator/frontend.py)
 
 
 def _free_port() -> int:
@@ -148,6 +149,7 @@ class Simulation:
                 metrics_port=_free_port(),
                 store=o.store or "",
                 heartbeat_timeout_s=o.heartbeat_timeout_s,
+                frontends=o.frontends,
             )
         self.config = CoordinatorConfig.load(self.home)
         self._admin = Client(

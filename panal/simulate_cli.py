@@ -46,6 +46,9 @@ def simulate_command(
     summary_json: Path | None = typer.Option(
         None, "--summary-json", help="Write the summary here as one JSON object."
     ),
+    frontends: int = typer.Option(
+        0, "--frontends", min=0, max=64, help="Front-end processes serving the coordinator's main port."
+    ),
 ) -> None:
     """Run the main job on one machine: demo corpus, a coordinator and node daemons as separate processes."""
     opts = SimulateOptions(
@@ -61,6 +64,7 @@ def simulate_command(
         preset=preset,
         dataset=dataset,
         store=store,
+        frontends=frontends,
         **({"work_dir": work_dir} if work_dir else {}),
     )
     summary = simulate(opts)

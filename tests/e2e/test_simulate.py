@@ -70,8 +70,11 @@ def test_two_pools_train_in_lockstep_and_survive_a_coordinator_restart(tmp_path,
 
 
 def test_a_node_killed_mid_round_is_replaced_by_a_standby(tmp_path, small_dataset):
-    summary = run(tmp_path, small_dataset, standby=1, kill_node_at=1, inner_steps=30, rounds=4)
+    """With the coordinator's main port served by a front-end process: the nodes' heartbeats reach
+    the coordinator through it (the killed node's silence too), their updates are forwarded."""
+    summary = run(tmp_path, small_dataset, standby=1, kill_node_at=1, inner_steps=30, rounds=4, frontends=1)
     assert summary["rounds"] == 4
+    assert "front-end" in (tmp_path / "sim" / "coordinator.log").read_text()
     failovers = audit(tmp_path / "sim", "failover")
     assert len(failovers) == 1
     # pool-a takes part again once the standby holds the stage (its re-formed world may need a
