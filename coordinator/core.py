@@ -36,6 +36,7 @@ from protocol.identity import Identity
 from protocol.limits import MethodSpec
 from storage import manifest, tensors
 from storage.blobstore import BlobStore
+from storage.cid import cid_of_bytes
 from storage.manifest import DatasetManifest
 
 log = logging.getLogger("panal.coordinator")
@@ -471,10 +472,11 @@ class Coordinator:
         except (ProtocolError, ValueError) as e:
             return self._reject(verified, update_id, f"{type(e).__name__}: {e}")
         self.closer.keep_delta(req.blob_cid, spec.compression, delta)  # the close need not fetch it again
-        # The signed envelope is kept as a blob too: the round result names it, so anyone can
-        # re-verify the inputs of the round later (`panal admin verify-round`).
+        # The signed envelope is kept (in the database now, committed before the answer) and its
+        # CID recorded: the round's close stores the round's envelopes as blobs, all at once, and
+        # the result names them, so anyone can re-verify the inputs later (`panal admin verify-round`).
         envelope = _envelope_bytes(verified)
-        envelope_cid = str(self.store.put_bytes(envelope, pin=True))
+        envelope_cid = str(cid_of_bytes(envelope))
         with self.lock:
             with self.state.tx() as db:
                 db.execute(

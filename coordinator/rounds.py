@@ -34,6 +34,7 @@ from protocol import panal_pb2 as pb
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from storage import compression, manifest, tensors
+from storage.errors import IntegrityError
 from storage.manifest import CheckpointManifest, StageEntry
 from storage.tensors import TensorLimits, TensorSpec
 
@@ -118,6 +119,15 @@ class RoundCloser:
             self._specs[cid] = tensors.spec_of(value)
         return cids
 
+    def _store_envelopes(self, verified: list[Any]) -> None:
+        """The signed envelopes of the round's inputs as blobs (the result names them), from the database."""
+        cids = self.c.store.put_many([bytes(u["envelope"]) for u in verified], pin=True)
+        for u, cid in zip(verified, cids, strict=True):
+            if str(cid) != u["envelope_cid"]:
+                raise IntegrityError(
+                    f"the envelope of update {u['update_id']} is stored as {cid}, not {u['envelope_cid']} as recorded"
+                )
+
     def keep_delta(self, cid: str, method: str, delta: Tensors) -> None:
         """An accepted update's pseudo-gradient, as ``load_update`` checked and decompressed it."""
         self.kept.put(cid, f"delta/{method}", delta)
@@ -170,6 +180,7 @@ class RoundCloser:
             "SELECT * FROM updates WHERE job=? AND round=? ORDER BY pool, stage, received_ms", (job, round)
         )
         verified = [u for u in updates if u["status"] == "accepted"]  # passed every check at submission
+        self._store_envelopes(verified)
         outcomes: dict[int, StageDefence] = {}
         failures: list[str] = []
         detected: dict[str, str] = {}  # update_id -> why detection rejected it
