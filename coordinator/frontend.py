@@ -276,6 +276,7 @@ class FrontendProcess:
         self.home, self.listen, self.primary = home, listen, primary
         self.port = 0  # known once it serves; a restart binds the same
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = False  # serving (its process said so), until it is stopped or restarted
 
     @property
     def pid(self) -> int | None:
@@ -294,6 +295,7 @@ class FrontendProcess:
         text = handlers and not any(isinstance(h.formatter, JsonFormatter) for h in handlers)
         args = ["-m", "coordinator.frontend", str(self.home), "--listen", listen, "--primary", self.primary]
         args += ["--log-format", "text" if text else "json"]  # as the coordinator logs
+        self.ready = False
         self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -302,6 +304,7 @@ class FrontendProcess:
                 line = self.proc.stdout.readline()
                 if line.startswith(b"ready "):
                     self.port = int(line.split()[1])
+                    self.ready = True
                     return self
                 if not line:  # it exited: its reason is in its log (stderr)
                     break
@@ -316,6 +319,7 @@ class FrontendProcess:
         return self.proc.poll() if self.proc is not None else None
 
     def stop(self, grace: float = 5.0) -> None:
+        self.ready = False
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.terminate()

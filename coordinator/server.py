@@ -14,10 +14,11 @@ Enroll needs a client certificate issued by this CA); the enrollment port is
 server-authenticated TLS and serves Enroll only in practice, since every other
 call there lacks a client certificate and is refused by the interceptor.
 
-With ``frontends: K`` (K > 0) it also starts K front-end processes on the main
-port, which answer heartbeats on more cores and forward every other call to
-this process over a Unix socket (coordinator/frontend.py). For fleets of
-hundreds of nodes; the default, 0, serves everything from one process.
+With ``frontends: K`` (K > 0) it starts K front-end processes that serve the
+main port in this process's place: they answer heartbeats on more cores and
+forward every other call here over a Unix socket (coordinator/frontend.py).
+For fleets of hundreds of nodes; the default, 0, serves everything from one
+process.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class CoordinatorConfig:
     store: str = ""
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_s: float = 15.0
-    frontends: int = 0  # extra processes answering heartbeats on the main port (coordinator/frontend.py)
+    frontends: int = 0  # processes serving the main port in this one's place (coordinator/frontend.py)
     admins: list[str] = field(default_factory=list)  # base64 Ed25519 public keys
 
     @classmethod
@@ -261,7 +262,12 @@ class RunningCoordinator:
             code = frontend.exited()
             if code is not None and not self._stop.is_set():
                 log.error("front-end %s exited with code %s; starting it again", frontend.pid, code)
-                frontend.start()
+                try:
+                    frontend.start()
+                except RuntimeError:
+                    if self._stop.is_set():  # stopped while it started: nothing to restart
+                        return
+                    raise
 
     @property
     def pids(self) -> list[int]:

@@ -1,11 +1,10 @@
 """Front-end processes: heartbeats answered in another OS process, every other call forwarded.
 
-A real coordinator (``frontends: 1``) runs in this process; its front-end is a
-separate OS process on the same port. Connections to a shared port land on
-either process at the kernel's choice, so the stories that need to know which
-process answers start one more front-end of their own on a port of its own,
-pointed at the same coordinator: everything sent there goes through a
-front-end.
+A real coordinator (``frontends: 1``) runs in this process; its front-end, a
+separate OS process, serves the coordinator's main port in its place. The
+stories talk to one more front-end of their own, on a port of its own and
+pointed at the same coordinator, so that they can stop or kill the
+coordinator's front-end without losing theirs.
 """
 
 from __future__ import annotations
@@ -182,15 +181,17 @@ def test_the_coordinator_starts_watches_and_stops_its_front_ends(fleet):
     (frontend,) = running.frontends
     first = frontend.pid
     assert frontend.exited() is None and first in running.pids
-    # Both share the coordinator's main port: every connection there is answered by one of them.
+    # The front-end serves the coordinator's main port; the coordinator process itself does not.
     node = enroll(fleet)
     for _ in range(8):
         c = client(fleet, node.identity, node.cert, port=running.port)
         c.call(c.node, "Heartbeat", pb.HeartbeatRequest())
     os.kill(first, signal.SIGKILL)
     wait_for(
-        lambda: frontend.pid != first and frontend.exited() is None, timeout=30, what="a restarted front-end"
+        lambda: frontend.pid != first and frontend.ready, timeout=30, what="a restarted front-end serving"
     )
+    c = client(fleet, node.identity, node.cert, port=running.port)  # the same port, served again
+    assert c.call(c.node, "Heartbeat", pb.HeartbeatRequest()).server_time_ms > 0
     running.stop(grace=0)
     assert frontend.exited() is not None
     assert not os.path.exists(running.primary_address.removeprefix("unix:"))
