@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
@@ -99,7 +99,8 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
             for path, spec in METHODS.items()
         }
         for path, spec in STREAMS.items():
-            assert spec is HEARTBEAT, "a front-end answers heartbeat streams only"
+            if spec is not HEARTBEAT:
+                raise ValueError(f"a front-end answers heartbeat streams only, not {path} ({spec.name})")
             self._handlers[path] = grpc.stream_stream_rpc_method_handler(self._heartbeat_stream)
 
     def service(self, details: grpc.HandlerCallDetails) -> Any:
@@ -135,7 +136,7 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._streams -= 1
 
     async def _answer(self, verified: Verified, context: grpc.aio.ServicerContext, raw: bytes) -> bytes:
-        req: pb.HeartbeatRequest = verified.body  # type: ignore[assignment]
+        req: pb.HeartbeatRequest = verified.body
         node = self.state.node(verified.sender_id)
         if node is None or node.state != "active" or req.state == pb.NODE_STATE_FAILED:
             # The coordinator acts on these: forwarded as a unary Heartbeat, checked there again.
@@ -181,24 +182,14 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
             answered, self._answered = self._answered, 0
         if not beats:
             return
-        db = self.state.own
-        assert db is not None
         try:
-            with self.state.own_lock:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.executemany(
-                        HEARTBEAT_SQL, [(ts, st, node_id, ts) for node_id, (ts, st) in beats.items()]
-                    )
-                    db.execute(
-                        "INSERT INTO kv(key, value) VALUES(?, ?) ON CONFLICT(key)"
-                        " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
-                        (HEARTBEATS_KEY, answered),
-                    )
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+            with self.state.own_tx() as db:
+                db.executemany(HEARTBEAT_SQL, [(ts, st, node_id, ts) for node_id, (ts, st) in beats.items()])
+                db.execute(
+                    "INSERT INTO kv(key, value) VALUES(?, ?) ON CONFLICT(key)"
+                    " DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                    (HEARTBEATS_KEY, answered),
+                )
         except BaseException:
             with self._beats_lock:  # kept for the next flush; newer heartbeats meanwhile win
                 self._beats = {**beats, **self._beats}
@@ -297,11 +288,11 @@ class FrontendProcess:
         args += ["--log-format", "text" if text else "json"]  # as the coordinator logs
         self.ready = False
         self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, env=env)
-        assert self.proc.stdout is not None
+        out: IO[bytes] = self.proc.stdout  # type: ignore[assignment]  # a pipe: stdout=PIPE above
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.1)[0]:
-                line = self.proc.stdout.readline()
+            if select.select([out], [], [], 0.1)[0]:
+                line = out.readline()
                 if line.startswith(b"ready "):
                     self.port = int(line.split()[1])
                     self.ready = True

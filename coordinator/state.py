@@ -160,15 +160,25 @@ class State:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction, committed on success (under the state lock)."""
         with self.lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                with _transaction(self._db) as db:
+                    yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
                 for table in self._versions:  # a cached read inside the transaction may be undone
                     self._changed(table)
                 raise
-            self._db.execute("COMMIT")
+
+    @contextmanager
+    def own_tx(self) -> Iterator[sqlite3.Connection]:
+        """A shared State's transaction on ``own``: heartbeat columns and kv only (it drops no cache)."""
+        own = self._own()
+        with self.own_lock, _transaction(own) as db:
+            yield db
+
+    def _own(self) -> sqlite3.Connection:
+        if self.own is None:
+            raise RuntimeError("only a shared State (State(path, shared=True)) has a connection of its own")
+        return self.own
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self.lock:
@@ -209,9 +219,9 @@ class State:
 
     def _follow_other_writers(self) -> None:
         """Forget every cached read once another connection (process) has committed."""
-        assert self.own is not None
+        own = self._own()
         with self.own_lock:
-            version = self.own.execute("PRAGMA data_version").fetchone()[0]
+            version = own.execute("PRAGMA data_version").fetchone()[0]
         with self.lock:
             if version != self._data_version:
                 self._data_version = version
@@ -376,3 +386,15 @@ def authorize_node(node: Node | None, node_id: str, public_key: bytes) -> Node:
     if node.state in ("evicted", "quarantined"):
         raise NotAuthorized(f"node {node_id} was {node.state} by the admin")
     return node
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception (the caller holds the connection's lock)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
