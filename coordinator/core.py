@@ -473,8 +473,8 @@ class Coordinator:
             return self._reject(verified, update_id, f"{type(e).__name__}: {e}")
         self.closer.keep_delta(req.blob_cid, spec.compression, delta)  # the close need not fetch it again
         # The signed envelope is kept (in the database now, committed before the answer) and its
-        # CID recorded: the round's close stores the round's envelopes as blobs, all at once, and
-        # the result names them, so anyone can re-verify the inputs later (`panal admin verify-round`).
+        # CID recorded: the round's close stores the round's envelopes together as one blob, and
+        # the result names it and them, so anyone can re-verify the inputs later (`panal admin verify-round`).
         envelope = _envelope_bytes(verified)
         envelope_cid = str(cid_of_bytes(envelope))
         with self.lock:

@@ -109,9 +109,11 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
     def _authorize(self, spec: MethodSpec, verified: Verified) -> None:
         authorize_node(self.state.node(verified.sender_id), verified.sender_id, verified.sender)
 
-    async def _checked(self, raw: bytes, context: grpc.aio.ServicerContext) -> Verified:
+    async def _checked(
+        self, raw: bytes, context: grpc.aio.ServicerContext, cn: str | None = None
+    ) -> Verified:
         try:
-            return self.checks.verify(HEARTBEAT, raw, context)
+            return self.checks.verify(HEARTBEAT, raw, context, cn=cn)
         except ProtocolError as e:
             log.warning("rejected Heartbeat from %s: %s: %s", context.peer(), error_name(e), e)
             await context.abort(status_for(e), f"{error_name(e)}: {e}")
@@ -130,8 +132,9 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
             )
         self._streams += 1
         try:
+            cn = self.checks.client_cn(context)  # one connection, one certificate: read once per stream
             async for raw in raws:
-                yield await self._answer(await self._checked(raw, context), context, raw)
+                yield await self._answer(await self._checked(raw, context, cn), context, raw)
         finally:
             self._streams -= 1
 

@@ -34,6 +34,7 @@ from protocol import panal_pb2 as pb
 from protocol.envelope import seal
 from protocol.errors import ProtocolError
 from storage import compression, manifest, tensors
+from storage.cid import cid_of_bytes
 from storage.errors import IntegrityError
 from storage.manifest import CheckpointManifest, StageEntry
 from storage.tensors import TensorLimits, TensorSpec
@@ -119,14 +120,22 @@ class RoundCloser:
             self._specs[cid] = tensors.spec_of(value)
         return cids
 
-    def _store_envelopes(self, verified: list[Any]) -> None:
-        """The signed envelopes of the round's inputs as blobs (the result names them), from the database."""
-        cids = self.c.store.put_many([bytes(u["envelope"]) for u in verified], pin=True)
-        for u, cid in zip(verified, cids, strict=True):
-            if str(cid) != u["envelope_cid"]:
+    def _store_envelopes(self, verified: list[Any]) -> str:
+        """The signed envelopes of the round's inputs, from the database, as one blob (the result names it).
+
+        Stage by stage, each stage's in input order (as its ``input_envelope_cids``); "" without inputs.
+        """
+        if not verified:
+            return ""
+        ordered = sorted(verified, key=lambda u: int(u["stage"]))  # stable: input order within a stage
+        for u in ordered:
+            cid = str(cid_of_bytes(bytes(u["envelope"])))
+            if cid != u["envelope_cid"]:
                 raise IntegrityError(
-                    f"the envelope of update {u['update_id']} is stored as {cid}, not {u['envelope_cid']} as recorded"
+                    f"the envelope of update {u['update_id']} hashes to {cid}, not {u['envelope_cid']} as recorded"
                 )
+        bundle = pb.EnvelopeBundle(envelopes=[bytes(u["envelope"]) for u in ordered])
+        return str(self.c.store.put_bytes(bundle.SerializeToString(), pin=True))
 
     def keep_delta(self, cid: str, method: str, delta: Tensors) -> None:
         """An accepted update's pseudo-gradient, as ``load_update`` checked and decompressed it."""
@@ -180,7 +189,7 @@ class RoundCloser:
             "SELECT * FROM updates WHERE job=? AND round=? ORDER BY pool, stage, received_ms", (job, round)
         )
         verified = [u for u in updates if u["status"] == "accepted"]  # passed every check at submission
-        self._store_envelopes(verified)
+        inputs_cid = self._store_envelopes(verified)
         outcomes: dict[int, StageDefence] = {}
         failures: list[str] = []
         detected: dict[str, str] = {}  # update_id -> why detection rejected it
@@ -271,6 +280,7 @@ class RoundCloser:
             stages=stage_results,
             pools=sorted({u["pool"] for u in accepted}),
             checkpoint_cid=checkpoint,
+            input_envelopes_cid=inputs_cid,
             mean_loss=mean_loss,
             tokens=tokens,
             pool_shards=[

@@ -16,15 +16,20 @@ What every call reads (the sender's node, the running job, its pools) is served
 from memory: :meth:`State.cached` keeps a query's result until a table it read
 is written. SQLite itself reports each write (temporary triggers call back into
 Python), so no writer, here or in another module, can leave a cached row stale.
-A ``shared`` State (a front-end's) also drops its cache whenever another process
-has committed, since their triggers do not reach it: a thread of its own polls
-``PRAGMA data_version`` every few milliseconds, so that reads stay lock-free. It
-polls on the connection it writes its heartbeats with (``own``), whose commits
-SQLite does not count as another's: a front-end's own writes drop nothing.
+Those triggers do not reach other processes, so the same writes also count
+themselves in the file (table ``versions``, by persistent triggers). A
+``shared`` State (a front-end's) has a thread of its own that polls ``PRAGMA
+data_version`` every few milliseconds and, once another process has committed,
+reads those counts and drops what it cached from the tables that changed (a
+coordinator's thousand update commits a round drop nothing it reads; reads stay
+lock-free). It polls on the connection it writes its heartbeats with (``own``),
+whose commits SQLite does not count as another's: a front-end's own writes drop
+nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -67,6 +72,7 @@ CREATE TABLE IF NOT EXISTS audit(
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER, kind TEXT, node_id TEXT, job TEXT,
   round INTEGER, detail TEXT);
 CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS versions(name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
 
 HEARTBEAT_FLUSH_S = 5.0
@@ -86,6 +92,23 @@ WATCHED = {
     "placement": "UPDATE",
     "rounds": "UPDATE",
 }
+
+
+# Every write to a WATCHED table counts itself in ``versions``, in its own transaction, whichever
+# process makes it: how a shared State (another process) knows what its cache must drop.
+def _version_triggers() -> str:
+    sql = []
+    for table, update in WATCHED.items():  # the names are this module's constants
+        sql.append(f"INSERT OR IGNORE INTO versions(name, n) VALUES('{table}', 0);")  # noqa: S608
+        for event in ("INSERT", update, "DELETE"):
+            sql.append(
+                f"CREATE TRIGGER IF NOT EXISTS panal_version_{table}_{event.split()[0].lower()}"  # noqa: S608
+                f" AFTER {event} ON {table} BEGIN UPDATE versions SET n = n + 1 WHERE name = '{table}'; END;"
+            )
+    return "".join(sql)
+
+
+VERSION_TRIGGERS = _version_triggers()
 
 T = TypeVar("T")
 
@@ -120,11 +143,12 @@ class State:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + VERSION_TRIGGERS)
         self.lock = threading.RLock()
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
         self._flushed = time.monotonic()
         self._data_version = -1  # another connection's last commit, as SQLite counts them
+        self._file_versions: dict[str, int] = {}  # table -> its count in ``versions``, as last read
         # shared: heartbeats (and nothing the cache reads) are written on this connection.
         self.own: sqlite3.Connection | None = None
         self.own_lock = threading.Lock()
@@ -218,15 +242,19 @@ class State:
                     return
 
     def _follow_other_writers(self) -> None:
-        """Forget every cached read once another connection (process) has committed."""
+        """Once another connection (process) has committed, forget the cached reads of the tables it wrote."""
         own = self._own()
         with self.own_lock:
             version = own.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return
+            counts = dict(own.execute("SELECT name, n FROM versions").fetchall())
         with self.lock:
-            if version != self._data_version:
-                self._data_version = version
-                for table in self._versions:
+            self._data_version = version
+            for table in self._versions:
+                if counts.get(table) != self._file_versions.get(table):
                     self._changed(table)
+            self._file_versions = counts
 
     # ---------------------------------------------------------------- kv
 
@@ -280,10 +308,15 @@ class State:
     # ---------------------------------------------------------------- nodes
 
     def node(self, node_id: str) -> Node | None:
-        row = self.cached(
-            ("node", node_id), ("nodes",), lambda: self.one("SELECT * FROM nodes WHERE node_id=?", (node_id,))
-        )
-        return self._node(row) if row else None
+        def load() -> Node | None:
+            row = self.one("SELECT * FROM nodes WHERE node_id=?", (node_id,))
+            return self._node(row, heartbeats={}) if row else None
+
+        node = self.cached(("node", node_id), ("nodes",), load)
+        held = self._heartbeats.get(node_id)
+        if node is None or held is None:
+            return node
+        return dataclasses.replace(node, last_heartbeat_ms=held[0], status=held[1])
 
     def nodes(self, *, pool: str | None = None) -> list[Node]:
         return [self._node(r) for r in self._node_rows(pool)]
@@ -296,8 +329,12 @@ class State:
 
         return self.cached(("nodes", pool), ("nodes",), load)
 
-    def _node(self, row: sqlite3.Row) -> Node:
-        beat, status = self._heartbeats.get(row["node_id"], (row["last_heartbeat_ms"] or 0, None))
+    def _node(
+        self, row: sqlite3.Row, heartbeats: dict[str, tuple[int, dict[str, Any]]] | None = None
+    ) -> Node:
+        """The node of ``row``, with its heartbeat held in memory (``heartbeats``, this State's by default) if any."""
+        held = self._heartbeats if heartbeats is None else heartbeats
+        beat, status = held.get(row["node_id"], (row["last_heartbeat_ms"] or 0, None))
         return Node(
             node_id=row["node_id"],
             public_key=bytes(row["public_key"]),

@@ -6,7 +6,8 @@ Given the signed round result, the job spec and the coordinator's public key:
 2. each stage's start weights are what they must be — the seed's initial weights in
    round 0, else the previous round's result;
 3. every input update is an envelope signed by its node, for this job and round,
-   naming a blob whose SHA-256 and CID match;
+   found by its CID in the round's bundle of envelopes, naming a blob whose SHA-256
+   and CID match;
 4. recomputing the stage — the job's robust rule, detection, outer step — from those
    inputs gives bit-identical weights and momentum (their CIDs match the result's),
    and the same updates rejected by detection. Detection's absent-token check reads the
@@ -16,9 +17,11 @@ Given the signed round result, the job spec and the coordinator's public key:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from coordinator.aggregation import AggregationError
 from coordinator.defence import defend_stage
@@ -39,6 +42,7 @@ from storage.cid import cid_of_bytes
 from storage.manifest import DatasetManifest
 
 MAX_BLOB = 64 << 30
+MAX_ENVELOPE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,29 @@ def load_result(
         )
     body = open_envelope(env, pb.RoundResult, replay=None, job=job, round=round).body
     return body  # type: ignore[return-value]
+
+
+def _envelopes(store: BlobStore, result: pb.RoundResult) -> Callable[[str], bytes]:
+    """An input envelope's bytes by its CID: from the round's bundle, read once when first asked
+    (results from before bundles: each envelope is a blob of its own). Raises ProtocolError or ValueError."""
+    bundle: dict[str, bytes] = {}
+
+    def from_bundle(cid: str) -> bytes:
+        if not bundle:
+            count = sum(len(s.input_envelope_cids) for s in result.stages)
+            data = store.get_bytes(result.input_envelopes_cid, max_bytes=count * (MAX_ENVELOPE + 8) + 64)
+            try:
+                envelopes = pb.EnvelopeBundle.FromString(data).envelopes
+            except DecodeError as e:
+                raise ValueError(f"{result.input_envelopes_cid} is not an envelope bundle: {e}") from e
+            bundle.update((str(cid_of_bytes(e)), bytes(e)) for e in envelopes)
+        if cid not in bundle:
+            raise ProtocolError(f"envelope {cid} is not in the round's bundle {result.input_envelopes_cid}")
+        return bundle[cid]
+
+    if result.input_envelopes_cid:
+        return from_bundle
+    return lambda cid: store.get_bytes(cid, max_bytes=MAX_ENVELOPE)
 
 
 def _absent(tokens: ShardTokens, cids: list[str] | None, pool: str, checks: list[Check]) -> np.ndarray | None:
@@ -106,6 +133,7 @@ def verify_round(
         except (ProtocolError, ValueError) as e:
             checks.append(Check("dataset", False, f"the absent-token check needs the dataset: {e}"))
     pool_shards = {p.pool: list(p.shard_cids) for p in result.pool_shards}
+    envelope = _envelopes(store, result)
     for stage in result.stages:
         s = stage.stage
         # 2. the start of the round
@@ -132,7 +160,7 @@ def verify_round(
         try:
             deltas, ids, pools = [], [], []
             for cid in stage.input_envelope_cids:
-                env = pb.Envelope.FromString(store.get_bytes(cid, max_bytes=64 << 10))
+                env = pb.Envelope.FromString(envelope(cid))
                 check_integrity(env)
                 req: pb.SubmitUpdateRequest = open_envelope(
                     env, pb.SubmitUpdateRequest, replay=None, job=spec.name, round=round

@@ -326,7 +326,7 @@ class RejectedUpdate(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool: _Optional[str] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("job", "round", "aggregation_rule", "stages", "pools", "checkpoint_cid", "mean_loss", "tokens", "pool_shards")
+    __slots__ = ("job", "round", "aggregation_rule", "stages", "pools", "checkpoint_cid", "mean_loss", "tokens", "pool_shards", "input_envelopes_cid")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_RULE_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class RoundResult(_message.Message):
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     POOL_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ENVELOPES_CID_FIELD_NUMBER: _ClassVar[int]
     job: str
     round: int
     aggregation_rule: str
@@ -345,7 +346,14 @@ class RoundResult(_message.Message):
     mean_loss: float
     tokens: int
     pool_shards: _containers.RepeatedCompositeFieldContainer[PoolShards]
-    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., aggregation_rule: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageResult, _Mapping]]] = ..., pools: _Optional[_Iterable[str]] = ..., checkpoint_cid: _Optional[str] = ..., mean_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., pool_shards: _Optional[_Iterable[_Union[PoolShards, _Mapping]]] = ...) -> None: ...
+    input_envelopes_cid: str
+    def __init__(self, job: _Optional[str] = ..., round: _Optional[int] = ..., aggregation_rule: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageResult, _Mapping]]] = ..., pools: _Optional[_Iterable[str]] = ..., checkpoint_cid: _Optional[str] = ..., mean_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., pool_shards: _Optional[_Iterable[_Union[PoolShards, _Mapping]]] = ..., input_envelopes_cid: _Optional[str] = ...) -> None: ...
+
+class EnvelopeBundle(_message.Message):
+    __slots__ = ("envelopes",)
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    envelopes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, envelopes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PoolShards(_message.Message):
     __slots__ = ("pool", "shard_cids")

@@ -139,12 +139,13 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     f"this server holds {self.max_streams} streams already; send unary {spec.name} calls",
                 )
             sender = ""
+            cn = self._client_cn(context)  # one connection, one certificate: read once per stream
 
             def verified() -> Iterator[Verified]:
                 nonlocal sender
                 for raw in raws:
                     try:
-                        v = self.verify(spec, raw, context)
+                        v = self.verify(spec, raw, context, cn=cn)
                     except ProtocolError as e:
                         log.warning(
                             "rejected %s from %s: %s: %s", spec.name, context.peer(), error_name(e), e
@@ -166,7 +167,11 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
-    def verify(self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext) -> Verified:
+    def verify(
+        self, spec: MethodSpec, raw: bytes, context: grpc.ServicerContext, *, cn: str | None = None
+    ) -> Verified:
+        """``raw`` as a verified envelope, or a ProtocolError. ``cn``: the client certificate's name,
+        when the caller has it already (a stream's messages all come on one connection)."""
         if len(raw) > spec.max_request_bytes:
             raise MessageTooLarge(
                 f"{spec.name} request is {len(raw)} bytes; the limit is {spec.max_request_bytes}"
@@ -176,12 +181,16 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         except DecodeError as e:
             raise MalformedMessage(f"{spec.name} request is not a panal.v1.Envelope: {e}") from e
         if self.require_client_certificate and spec.needs_client_certificate:
-            self._check_certificate(env, self._client_cn(context))
+            self._check_certificate(env, self._client_cn(context) if cn is None else cn)
         job, round = self.expected_context(spec, env) if self.expected_context else (None, None)
         verified = open_envelope(env, spec.body, replay=self.replay, job=job, round=round)
         if self.authorize is not None:
             self.authorize(spec, verified)
         return verified
+
+    def client_cn(self, context: grpc.ServicerContext) -> str:
+        """The name of the call's client certificate, as this interceptor takes it (forwarded or from TLS)."""
+        return self._client_cn(context)
 
     def _client_cn(self, context: grpc.ServicerContext) -> str:
         if self.forwarded:

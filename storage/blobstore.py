@@ -73,10 +73,6 @@ class BlobStore(ABC):
     def put_bytes(self, data: bytes, *, cid_version: int = 0, pin: bool = False) -> CID:
         return self.put_chunks([data], cid_version=cid_version, pin=pin)
 
-    def put_many(self, blobs: Iterable[bytes], *, pin: bool = False) -> builtins.list[CID]:
-        """Store several blobs (CIDv0, as ``put_bytes``); all durable once this returns."""
-        return [self.put_bytes(b, pin=pin) for b in blobs]
-
     def put_stream(
         self, stream: BinaryIO, *, cid_version: int = 0, pin: bool = False, progress: Progress | None = None
     ) -> CID:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     raise InvalidCIDError("truncated or overlong varint")
 
 
+@functools.lru_cache(maxsize=65536)  # a CID is printed many times (paths, rows, logs): encode it once
 def base58btc_encode(data: bytes) -> str:
     zeros = len(data) - len(data.lstrip(b"\0"))
     n = int.from_bytes(data, "big")

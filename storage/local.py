@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import ctypes
 import fcntl
 import itertools
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,17 +39,6 @@ from storage.errors import IntegrityError, NotFound
 
 STALE_TMP_SECONDS = 3600
 INLINE_HASH_BYTES = 4 << 20  # a lone block up to this size is hashed without a helper thread
-
-
-def _libc_syncfs() -> Callable[[int], int] | None:
-    """syncfs(2): flush one file system (Linux); None where the C library has none."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs = _libc_syncfs()
 
 
 def hashed(chunks: Iterable[bytes], builder: CidBuilder) -> Iterator[bytes]:
@@ -126,27 +114,6 @@ class LocalStore(BlobStore):
         pin: bool = False,
         progress: Progress | None = None,
     ) -> CID:
-        return self._put(chunks, cid_version=cid_version, pin=pin, progress=progress, sync=True)
-
-    def put_many(self, blobs: Iterable[bytes], *, pin: bool = False) -> builtins.list[CID]:
-        """Each blob written as ``put_bytes`` writes it, without its own fsyncs; then one sync of the
-        file system for all of them (a thousand small blobs: one wait for the disk, not two thousand)."""
-        cids = [self._put([b], cid_version=0, pin=pin, progress=None, sync=False) for b in blobs]
-        if cids:
-            self._sync_file_system()
-        return cids
-
-    def _sync_file_system(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            if _syncfs is None or _syncfs(fd) != 0:
-                os.sync()  # no syncfs(2) here (or it failed): every file system
-        finally:
-            os.close(fd)
-
-    def _put(
-        self, chunks: Iterable[bytes], *, cid_version: int, pin: bool, progress: Progress | None, sync: bool
-    ) -> CID:
         builder = CidBuilder(cid_version=cid_version)  # v1 implies raw leaves, as in Kubo
         with self._locked(exclusive=False):
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="put-")
@@ -157,15 +124,13 @@ class LocalStore(BlobStore):
                         if progress:
                             progress(len(block))
                     f.flush()
-                    if sync:
-                        os.fsync(f.fileno())
+                    os.fsync(f.fileno())
                 cid = builder.finish()
                 final = self.path_of(cid)
                 final.parent.mkdir(exist_ok=True)
                 os.chmod(tmp, 0o444)  # blobs are immutable
                 os.replace(tmp, final)
-                if sync:
-                    self._fsync_dir(final.parent)
+                self._fsync_dir(final.parent)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)

@@ -435,3 +435,12 @@ def test_anyone_can_recompute_a_round_from_the_store(world):
     swapped = str(world["store"].put_bytes(seal(coordinator, body, job="j1", round=1).SerializeToString()))
     bad = [c for c in verify_round(world["store"], spec, swapped, round=1, coordinator_key=key, previous_cid=rows[0]) if not c.ok]
     assert [c.what for c in bad] == ["stage 0 outcome"]
+    # The inputs are one blob a round, each envelope found by its CID: a bundle short of one fails its stage.
+    body = open_envelope(pb.Envelope.FromString(world["store"].get_bytes(rows[1])), pb.RoundResult, replay=None).body
+    bundle = pb.EnvelopeBundle.FromString(world["store"].get_bytes(body.input_envelopes_cid))
+    assert len(bundle.envelopes) == sum(len(s.input_envelope_cids) for s in body.stages) == 2 * STAGES
+    del bundle.envelopes[0]  # stage 0's first input
+    body.input_envelopes_cid = str(world["store"].put_bytes(bundle.SerializeToString()))
+    short = str(world["store"].put_bytes(seal(coordinator, body, job="j1", round=1).SerializeToString()))
+    bad = [c for c in verify_round(world["store"], spec, short, round=1, coordinator_key=key, previous_cid=rows[0]) if not c.ok]
+    assert [c.what for c in bad] == ["stage 0 inputs"] and "is not in the round's bundle" in bad[0].detail

@@ -10,6 +10,8 @@ budget.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from coordinator.state import State
@@ -79,6 +81,47 @@ def test_cached_queries_of_other_tables_follow_their_writes(tmp_path):
         db.execute("UPDATE jobs SET round=1 WHERE job='j'")
     assert read()["round"] == 1
     state.close()
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the deadline")
+        time.sleep(0.005)
+
+
+def test_a_shared_state_drops_only_what_another_process_wrote(tmp_path):
+    """A front-end's State (shared) sees the coordinator's writes through the file, table by table."""
+    coordinator = make_state(tmp_path)
+    frontend = State(tmp_path / "state.db", shared=True)  # its own connections: as another process's
+    loads = []
+
+    def node_state():
+        def load():
+            loads.append(1)
+            return frontend.one("SELECT state FROM nodes WHERE node_id='n1'")["state"]
+
+        return frontend.cached(("state", "n1"), ("nodes",), load)
+
+    assert node_state() == "active" and len(loads) == 1
+    # What the coordinator writes all the time, no cached read of nodes depends on: updates,
+    # heartbeat times, the audit log. Each commit is seen (data_version), none drops the node.
+    for i in range(3):
+        with coordinator.tx() as db:
+            db.execute(
+                "INSERT INTO updates(update_id, job, round, pool, stage, node_id, status) VALUES(?,?,?,?,?,?,?)",
+                (f"u{i}", "j", 0, "pool-a", 0, "n1", "accepted"),
+            )
+        coordinator.heartbeat("n1", {"step": i})
+        coordinator.flush_heartbeats()
+    frontend._follow_other_writers()  # as its thread does every few milliseconds: it has seen them all
+    assert node_state() == "active" and len(loads) == 1
+    coordinator.set_node_state("n1", "evicted")  # a write to what it cached: dropped within a poll
+    wait_until(lambda: node_state() == "evicted")
+    assert len(loads) == 2
+    frontend.close()
+    coordinator.close()
 
 
 def test_the_tensor_cache_keeps_the_newest_entries_within_its_budget():

@@ -167,14 +167,3 @@ def test_local_failed_put_leaves_nothing(tmp_path):
         store.put_chunks(chunks())
     assert list(store.list()) == []
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
-
-
-def test_put_many_stores_each_blob_as_put_bytes_would(store):
-    blobs = [b"", b"one", os.urandom(300_000), b"one"]  # empty, small, chunked, a repeat
-    cids = store.put_many(blobs, pin=True)
-    assert [str(c) for c in cids] == [str(cid_of_bytes(b)) for b in blobs]
-    for cid, blob in zip(cids, blobs, strict=True):
-        assert store.get_bytes(cid) == blob
-    pinned = {str(i.cid) for i in store.list() if i.pinned}
-    assert {str(c) for c in cids} <= pinned
-    assert store.put_many([]) == []
