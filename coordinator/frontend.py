@@ -15,7 +15,7 @@ stream) that:
   within half a second: ``State.merge_heartbeats``), and the pool's epoch to
   tell the node that its assignment changed;
 - forwards every other call unchanged to the coordinator process over a Unix
-  socket in a private (0700) directory, with the name of the TLS client
+  socket in a private (0700) directory (coordinator/relay.py), with the name of the TLS client
   certificate the call came on; so are heartbeats from a node that is not
   active or that reports a failure, which the coordinator acts on. The
   coordinator makes every check again, its replay cache included.
@@ -49,14 +49,15 @@ from typing import IO, Any
 import grpc
 
 from coordinator.logs import JsonFormatter, setup_logging
+from coordinator.relay import RelayClient, RelayError
 from coordinator.state import HEARTBEAT_SQL, State, authorize_node, heartbeat_status, now_ms
 from protocol import panal_pb2 as pb
 from protocol import tls
 from protocol.envelope import Verified
 from protocol.errors import ProtocolError, error_name, status_for
-from protocol.limits import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, METHODS, STREAMS, MethodSpec, server_options
+from protocol.limits import METHODS, STREAMS, MethodSpec, server_options
 from protocol.replay import ReplayGuard
-from protocol.server import FORWARDED_CN, SERVER_TUNING, EnvelopeInterceptor, client_cn
+from protocol.server import SERVER_TUNING, EnvelopeInterceptor, client_cn
 
 log = logging.getLogger("panal.coordinator.frontend")
 
@@ -71,7 +72,7 @@ HEARTBEAT = METHODS["/panal.v1.NodeService/Heartbeat"]
 class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Every NodeService and AdminService method: heartbeats answered here, the rest forwarded.
 
-    Built inside the running event loop (its channel to the coordinator belongs to it).
+    Built inside the running event loop (its link to the coordinator belongs to it).
     """
 
     def __init__(self, db_path: Path, primary: str) -> None:
@@ -84,14 +85,9 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._answered = 0  # heartbeats answered since the last flush
         self._streams = 0
         self.checks = EnvelopeInterceptor(replay=ReplayGuard(), authorize=self._authorize)
-        self.channel = grpc.aio.insecure_channel(
-            primary,
-            options=[
-                ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
-                ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
-            ],
-        )
-        self._forwarders = {path: self.channel.unary_unary(path) for path in METHODS}
+        if not primary.startswith("unix:"):
+            raise ValueError(f"the coordinator's local socket is unix:PATH, not {primary!r}")
+        self.relay = RelayClient(primary.removeprefix("unix:"))
         self._handlers = {
             path: grpc.unary_unary_rpc_method_handler(
                 self._heartbeat if spec is HEARTBEAT else self._forwarder(spec)
@@ -164,18 +160,17 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
         remaining = context.time_remaining()
         timeout = min(remaining, FORWARD_TIMEOUT_S) if remaining is not None else FORWARD_TIMEOUT_S
         try:
-            reply: bytes = await self._forwarders[spec.path](
-                raw, metadata=((FORWARDED_CN, client_cn(context)),), timeout=timeout
+            return await self.relay.call(
+                spec.path, raw, client_cn=client_cn(context), peer=context.peer(), timeout=timeout
             )
-            return reply
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                log.error("cannot reach the coordinator process for %s: %s", spec.name, e.details())
+        except RelayError as e:
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                log.error("cannot reach the coordinator process for %s: %s", spec.name, e.details)
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     "the coordinator is restarting or down (its front-end cannot reach it); retry with backoff",
                 )
-            await context.abort(e.code(), e.details() or "")
+            await context.abort(e.code, e.details)
             raise  # abort raises; this line is for the type checker
 
     def flush(self) -> None:
@@ -201,7 +196,7 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     async def close(self) -> None:
         self.flush()
-        await self.channel.close()
+        await self.relay.close()
         self.state.close()
 
 

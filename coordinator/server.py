@@ -16,7 +16,8 @@ call there lacks a client certificate and is refused by the interceptor.
 
 With ``frontends: K`` (K > 0) it starts K front-end processes that serve the
 main port in this process's place: they answer heartbeats on more cores and
-forward every other call here over a Unix socket (coordinator/frontend.py).
+forward every other call here over a Unix socket (coordinator/frontend.py,
+coordinator/relay.py).
 For fleets of hundreds of nodes; the default, 0, serves everything from one
 process.
 """
@@ -34,13 +35,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 import yaml
 
 from coordinator.core import Coordinator, Settings
 from coordinator.frontend import HEARTBEATS_KEY, FrontendProcess
 from coordinator.metrics import Metrics
+from coordinator.relay import RelayServer, method_handlers
 from coordinator.service import AdminService, NodeService
 from coordinator.state import State
 from protocol import panal_pb2_grpc as pb_grpc
@@ -184,23 +185,32 @@ class RunningCoordinator:
         # Front-ends forward calls here over a Unix socket in a directory only this user can enter.
         self.frontends: list[FrontendProcess] = []
         self._run_dir: str | None = None
-        self.internal: grpc.Server | None = None
+        self.relay: RelayServer | None = None
         self.primary_address = ""
         if config.frontends:
             self._run_dir = tempfile.mkdtemp(prefix="panal-coordinator-")
-            primary = self.primary_address = f"unix:{self._run_dir}/coordinator.sock"
+            path = f"{self._run_dir}/coordinator.sock"
+            self.primary_address = f"unix:{path}"
             forwarded = EnvelopeInterceptor(
                 replay=interceptor.replay,
                 expected_context=self.coordinator.expected_context,
                 authorize=self.coordinator.authorize,
                 forwarded=True,
             )
-            self.internal = build_server(forwarded, max_workers=32)
-            pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.coordinator), self.internal)
-            pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.coordinator), self.internal)
-            if not self.internal.add_insecure_port(primary):
-                raise OSError(f"cannot listen on {primary} for the front-ends")
-            self.frontends = [FrontendProcess(home, config.listen, primary) for _ in range(config.frontends)]
+            handlers = method_handlers(
+                forwarded,
+                [
+                    lambda s: pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.coordinator), s),
+                    lambda s: pb_grpc.add_AdminServiceServicer_to_server(AdminService(self.coordinator), s),
+                ],
+            )
+            try:
+                self.relay = RelayServer(path, handlers, max_workers=32)
+            except OSError as e:
+                raise OSError(f"cannot listen on {path} for the front-ends: {e}") from e
+            self.frontends = [
+                FrontendProcess(home, config.listen, self.primary_address) for _ in range(config.frontends)
+            ]
         self._frontend_heartbeats = int(self.state.get_kv(HEARTBEATS_KEY) or 0)
         self._stop = threading.Event()
         self._stopped = False
@@ -209,8 +219,8 @@ class RunningCoordinator:
 
     def start(self) -> RunningCoordinator:
         self.server.start()
-        if self.internal is not None:
-            self.internal.start()
+        if self.relay is not None:
+            self.relay.start()
         try:
             for frontend in self.frontends:
                 frontend.port = self.port  # 0 for the first when the config says port 0: it picks one
@@ -283,8 +293,8 @@ class RunningCoordinator:
         for frontend in self.frontends:
             frontend.stop(grace)
         self.server.stop(grace).wait(grace + 1)
-        if self.internal is not None:
-            self.internal.stop(grace).wait(grace + 1)
+        if self.relay is not None:
+            self.relay.stop(grace)
         if self._loop.is_alive():
             self._loop.join(timeout=5)
         if self.frontends:

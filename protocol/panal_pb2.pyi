@@ -599,3 +599,31 @@ class ReadmitNodeReply(_message.Message):
     READMITTED_FIELD_NUMBER: _ClassVar[int]
     readmitted: bool
     def __init__(self, readmitted: _Optional[bool] = ...) -> None: ...
+
+class RelayCall(_message.Message):
+    __slots__ = ("id", "method", "client_cn", "peer", "timeout_ms", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CN_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    method: str
+    client_cn: str
+    peer: str
+    timeout_ms: int
+    request: bytes
+    def __init__(self, id: _Optional[int] = ..., method: _Optional[str] = ..., client_cn: _Optional[str] = ..., peer: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., request: _Optional[bytes] = ...) -> None: ...
+
+class RelayReply(_message.Message):
+    __slots__ = ("id", "code", "details", "reply")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    code: int
+    details: str
+    reply: bytes
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., reply: _Optional[bytes] = ...) -> None: ...
