@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -79,7 +80,7 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
         # Reads nodes, the running job and its pools, cached; heartbeats are written by flush() on
         # the State's own connection, so that a write (and its wait for the database) holds up no
         # read of the calls answered meanwhile, nor drops the cache.
-        self.state = State(db_path, shared=True)
+        self.state = State(db_path, shared=True, checkpoints=False)  # the coordinator checkpoints
         self._beats: dict[str, tuple[int, str]] = {}  # node -> (time, status JSON), since the last flush
         self._beats_lock = threading.Lock()  # flush() runs in a thread of its own
         self._answered = 0  # heartbeats answered since the last flush
@@ -250,6 +251,10 @@ async def serve(home: Path, listen: str, primary: str) -> int:
                 return
 
     threading.Thread(target=flush_loop, name="panal-frontend-flush", daemon=True).start()
+    # What startup made lives as long as the process: later collections need not scan it (they
+    # run in the event loop and hold up every call while they do).
+    gc.collect()
+    gc.freeze()
     print(f"ready {port}", flush=True)  # FrontendProcess waits for this line
     log.info("front-end %d serving on port %d for %s", os.getpid(), port, primary)
     await done.wait()

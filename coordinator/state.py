@@ -134,15 +134,21 @@ class Node:
 class State:
     """Thread-safe access to the coordinator's SQLite file."""
 
-    def __init__(self, path: str | Path, *, shared: bool = False) -> None:
+    def __init__(self, path: str | Path, *, shared: bool = False, checkpoints: bool = True) -> None:
+        """``checkpoints=False``: no commit on this State's connections copies the write-ahead log
+        into the database file (SQLite does it every 1,000 pages by default, in whichever commit
+        crosses the mark: a call answered meanwhile waited ~0.2 s); the running coordinator's
+        loop does it instead (:meth:`checkpoint`), for every process on the file."""
         self.path = Path(path)
         self.shared = shared
+        self._checkpoints = checkpoints
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._no_autocheckpoint(self._db)
         self._db.executescript(SCHEMA + VERSION_TRIGGERS)
         self.lock = threading.RLock()
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -152,7 +158,7 @@ class State:
         # shared: heartbeats (and nothing the cache reads) are written on this connection.
         self.own: sqlite3.Connection | None = None
         self.own_lock = threading.Lock()
-        self._merge_db: sqlite3.Connection | None = None  # merge_heartbeats' own connection
+        self._merge_db: sqlite3.Connection | None = None  # merge_heartbeats' and checkpoint's (_side)
         self._versions = dict.fromkeys(WATCHED, 0)  # writes seen per table
         self._cache: dict[Hashable, tuple[tuple[int, ...], Any]] = {}
         self._db.create_function("panal_changed", 1, self._changed)
@@ -166,6 +172,7 @@ class State:
         if shared:
             self.own = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self.own.execute("PRAGMA synchronous=NORMAL")  # heartbeat times may be lost; nothing else is here
+            self._no_autocheckpoint(self.own)
             self._follow_other_writers()
             threading.Thread(target=self._follow_loop, name="panal-state-follow", daemon=True).start()
 
@@ -384,15 +391,34 @@ class State:
         Read on a connection of its own, without the state lock: the calls being answered
         meanwhile do not wait for it. One caller at a time (the coordinator's tick).
         """
-        if self._merge_db is None:
-            self._merge_db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        rows = self._merge_db.execute(
-            "SELECT node_id, last_heartbeat_ms, status FROM nodes WHERE state IN ('active', 'lost')"
-        ).fetchall()
+        rows = (
+            self._side()
+            .execute("SELECT node_id, last_heartbeat_ms, status FROM nodes WHERE state IN ('active', 'lost')")
+            .fetchall()
+        )
         for node_id, ts, status in rows:
             held = self._heartbeats.get(node_id)
             if ts and (held is None or ts > held[0]):
                 self._heartbeats[node_id] = (ts, json.loads(status or "{}"))
+
+    def checkpoint(self) -> None:
+        """Copy what the write-ahead log holds into the database file, as far as no reader needs it.
+
+        PASSIVE: it waits for no one, and no one waits for it. On its own connection, without the
+        state lock; one caller at a time (the coordinator's loop, every tick).
+        """
+        self._side().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _side(self) -> sqlite3.Connection:
+        """The connection of merge_heartbeats and checkpoint (the loop's: one caller at a time)."""
+        if self._merge_db is None:
+            self._merge_db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            self._no_autocheckpoint(self._merge_db)
+        return self._merge_db
+
+    def _no_autocheckpoint(self, db: sqlite3.Connection) -> None:
+        if not self._checkpoints:
+            db.execute("PRAGMA wal_autocheckpoint=0")
 
     def set_node_state(self, node_id: str, state: str, db: sqlite3.Connection | None = None) -> None:
         if db is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import stat
@@ -31,7 +32,17 @@ def fingerprint(public_key: bytes) -> str:
     """Node id of a public key: 32 hex characters."""
     if len(public_key) != PUBLIC_KEY_BYTES:
         raise IdentityError(f"an Ed25519 public key is {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
+    return _fingerprint(bytes(public_key))
+
+
+# Every message from a node names its key: hash it, and parse it for libsodium, once per key.
+# (A failed parse raises and is not remembered.)
+@functools.lru_cache(maxsize=65536)
+def _fingerprint(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:32]
+
+
+_verify_key = functools.lru_cache(maxsize=65536)(nacl.signing.VerifyKey)
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> None:
@@ -41,7 +52,7 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> Non
     if len(signature) != SIGNATURE_BYTES:
         raise SignatureError(f"signature must be {SIGNATURE_BYTES} bytes, got {len(signature)}")
     try:
-        nacl.signing.VerifyKey(public_key).verify(message, signature)
+        _verify_key(bytes(public_key)).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
         raise SignatureError(f"signature does not verify under key {fingerprint(public_key)}") from e
 

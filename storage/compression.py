@@ -101,6 +101,8 @@ def _all_finite(flat: torch.Tensor) -> bool:
     # numpy's isfinite is ~8x faster than torch's on one CPU thread; numpy has no bfloat16.
     if flat.dtype in (torch.float32, torch.float16, torch.float64) and flat.device.type == "cpu":
         v = flat.detach().numpy()
+        if v.size <= _STEP:  # most tensors of an update: one call
+            return bool(np.isfinite(v).all())
         return all(bool(np.isfinite(v[a:b]).all()) for a, b in _spans(flat.numel(), _STEP))
     return all(bool(torch.isfinite(flat[a:b]).all()) for a, b in _spans(flat.numel(), _STEP))
 
