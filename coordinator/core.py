@@ -80,6 +80,9 @@ class Coordinator:
         # submitting call closes it before it is answered.
         self.close_in_background = close_in_background
         self.round_ready = threading.Event()
+        # Called as a round starts to close: every update is in and no node submits until the
+        # result is out (RunningCoordinator collects garbage then, not inside the next round's calls).
+        self.before_close: Callable[[], None] | None = None
         # A restarted coordinator gives every node a fresh grace period.
         for node in state.nodes():
             if node.state == "active":

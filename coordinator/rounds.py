@@ -179,6 +179,8 @@ class RoundCloser:
             missing = expected - (answered["n"] if answered else 0)
             if missing and not late:
                 return
+            if self.c.before_close is not None:
+                self.c.before_close()
             self._close(job, round, spec, row, late=late and bool(missing))
 
     def _close(self, job: str, round: int, spec: JobSpec, row: Any, *, late: bool) -> None:

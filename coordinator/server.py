@@ -158,6 +158,7 @@ class RunningCoordinator:
             metrics=self.metrics,
             close_in_background=True,
         )
+        self.coordinator.before_close = GarbageCollection()
         if config.frontends:
             # Round work (aggregation) leaves the front-ends the cores they were given.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.frontends))
@@ -206,7 +207,7 @@ class RunningCoordinator:
                 ],
             )
             try:
-                self.relay = RelayServer(path, handlers, max_workers=32)
+                self.relay = RelayServer(path, handlers, max_workers=4)
             except OSError as e:
                 raise OSError(f"cannot listen on {path} for the front-ends: {e}") from e
             self.frontends = [
@@ -246,13 +247,12 @@ class RunningCoordinator:
         """Every tick: node timeouts, job start, round deadlines; at once: a round whose updates are all in."""
         ready = self.coordinator.round_ready
         next_tick = time.monotonic() + self._tick_s
-        collect_garbage()
+        collect_garbage(full=True)
         while not self._stop.is_set():
             woke = ready.wait(max(0.0, next_tick - time.monotonic()))
             if self._stop.is_set():
                 break
             try:
-                before = self._round()
                 if woke:
                     ready.clear()
                     self.coordinator.close_if_complete()
@@ -262,14 +262,8 @@ class RunningCoordinator:
                         self._watch_frontends()
                     self.coordinator.tick()
                     self.state.checkpoint()
-                if self._round() != before:  # a round closed (or a job started): between rounds
-                    collect_garbage()
             except Exception:  # the loop must outlive any one bad tick
                 log.exception("tick failed")
-
-    def _round(self) -> tuple[str, int] | None:
-        job = self.coordinator.running_job()
-        return (job["job"], int(job["round"])) if job is not None else None
 
     def _watch_frontends(self) -> None:
         """Take in the front-ends' heartbeats (before the tick looks for silent nodes); restart one that died."""
@@ -315,17 +309,34 @@ class RunningCoordinator:
         log.info("coordinator stopped")
 
 
-def collect_garbage() -> None:
-    """One full collection now, and what survives it set aside (``gc.freeze``) from later ones.
+FULL_COLLECTION_EVERY = 10  # rounds
 
-    Python's collector runs in whichever thread allocates, holding the GIL for as long as
-    it takes to scan every object: ~0.2-0.4 s in a coordinator with torch, gRPC and a job
-    loaded, inside whatever call was being answered (bench/coordinator.py saw updates wait
-    for it). Done between rounds instead, when no node is submitting, the collections during
-    a round scan only what that round made (milliseconds). Nothing leaks: each call
-    unfreezes everything first, so the next one sees it all again.
+
+class GarbageCollection:
+    """Python's collections done as each round starts to close, not inside the calls answered.
+
+    The collector runs in whichever thread allocates, holding the GIL for as long as it takes
+    to scan every object it tracks: ~0.2-0.4 s in a coordinator with torch, gRPC and a job
+    loaded, inside whatever call was being answered (bench/coordinator.py saw updates wait for
+    it). At ``Coordinator.before_close`` every update is in and no node submits until the
+    result is out: there the round's objects are collected and the survivors set aside
+    (``gc.freeze``), so that collections during the next round scan only what it makes
+    (milliseconds). Every FULL_COLLECTION_EVERY rounds, everything is unfrozen and scanned
+    again, so that frozen objects that became garbage since are freed too.
     """
-    gc.unfreeze()
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def __call__(self) -> None:
+        self.closes += 1
+        collect_garbage(full=self.closes % FULL_COLLECTION_EVERY == 0)
+
+
+def collect_garbage(*, full: bool) -> None:
+    """Collect, then freeze what survives; ``full``: everything, the frozen objects included."""
+    if full:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
 

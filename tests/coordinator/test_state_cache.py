@@ -133,3 +133,18 @@ def test_the_tensor_cache_keeps_the_newest_entries_within_its_budget():
     assert cache.get("cid3", "delta/none") is None  # the kind is part of the key
     cache.put("big", "tensors", {"w": torch.zeros(1000)})  # over the whole budget: not kept
     assert cache.get("big", "tensors") is None and cache.get("cid3", "tensors") is not None
+
+
+def test_a_coordinator_s_state_checkpoints_only_when_told(tmp_path):
+    """checkpoints=False: no commit copies the write-ahead log into the database (SQLite's
+    default does, inside whichever commit passes 1,000 pages); checkpoint() does."""
+    state = State(tmp_path / "state.db", checkpoints=False)
+    db_file = tmp_path / "state.db"
+    before = db_file.stat().st_size
+    for i in range(300):  # ~1,200 pages of 4 KiB: past SQLite's automatic checkpoint
+        state.set_kv(f"k{i}", "x" * 16_000)
+    assert db_file.stat().st_size == before  # all of it still in the log
+    state.checkpoint()
+    assert db_file.stat().st_size > 300 * 16_000
+    assert len(state.get_kv("k299")) == 16_000
+    state.close()
