@@ -28,9 +28,11 @@ About six minutes on two cores; --nodes, --seconds, --presets and --skip-* short
    logic. A *verification* is a SubmitUpdate answered ACCEPTED: all of the
    above plus the slot and base-weights checks, the blob fetched from the store
    with its CID verified, its size, SHA-256, safetensors schema and finite
-   values checked, the signed envelope stored as a blob and the update
-   committed to SQLite. Rounds that close in a window are part of it. Latencies are client-observed, from the call to its
-   reply (sealing excluded). Baseline: the same envelope (and blob) checks in
+   values checked, and the update (with its signed envelope) committed to
+   SQLite; front-ends forward it to the coordinator process (coordinator/relay.py).
+   Rounds that close in a window are part of it (their envelopes stored as one
+   blob). Latencies are client-observed, from the call to its reply (sealing
+   excluded). Baseline: the same envelope (and blob) checks in
    this process, one thread, no gRPC and no SQLite; and for heartbeats, a bare
    gRPC echo server (one process, the coordinator's mTLS and thread pool, the
    same streams and request bytes; no envelope checks, no coordinator) under
