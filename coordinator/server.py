@@ -207,7 +207,7 @@ class RunningCoordinator:
                 ],
             )
             try:
-                self.relay = RelayServer(path, handlers, max_workers=4)
+                self.relay = RelayServer(path, handlers, max_workers=32)
             except OSError as e:
                 raise OSError(f"cannot listen on {path} for the front-ends: {e}") from e
             self.frontends = [
