@@ -304,6 +304,7 @@ class RunningCoordinator:
         if self.frontends:
             self.state.merge_heartbeats()  # their last flush, so that nodes.status keeps it
         self.state.close()
+        gc.unfreeze()  # a process that goes on (one that embeds a coordinator, a test) collects as before
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("coordinator stopped")
