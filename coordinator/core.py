@@ -437,12 +437,8 @@ class Coordinator:
         job, round = verified.job, verified.round
         update_id = make_update_id(job, round, req, node_id)
         with self.lock:
-            slot = self.state.cached(
-                ("slot", job, req.pool, req.stage),
-                ("placement",),
-                lambda: self.state.one(
-                    "SELECT * FROM placement WHERE job=? AND pool=? AND stage=?", (job, req.pool, req.stage)
-                ),
+            slot = self.state.one(
+                "SELECT * FROM placement WHERE job=? AND pool=? AND stage=?", (job, req.pool, req.stage)
             )
             if slot is None or slot["node_id"] != node_id:
                 return self._reject(
@@ -464,16 +460,8 @@ class Coordinator:
                     update_id,
                     f"stage {req.stage} of pool {req.pool!r} already has an accepted update this round",
                 )
-            start_cids = self.state.cached(
-                ("start_weights", job, round),
-                ("rounds",),
-                lambda: json.loads(
-                    self.state.one("SELECT start_weights FROM rounds WHERE job=? AND round=?", (job, round))[
-                        "start_weights"
-                    ]
-                ),
-            )
-            start_cid = start_cids[str(req.stage)]
+            round_row = self.state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
+            start_cid = json.loads(round_row["start_weights"])[str(req.stage)]
             if req.base_weights_cid != start_cid:
                 return self._reject(
                     verified,

@@ -129,7 +129,7 @@ class Frontend(grpc.GenericRpcHandler):  # type: ignore[misc]
             )
         self._streams += 1
         try:
-            cn = self.checks.client_cn(context)  # one connection, one certificate: read once per stream
+            cn = client_cn(context)  # one connection, one certificate: read once per stream
             async for raw in raws:
                 yield await self._answer(await self._checked(raw, context, cn), context, raw)
         finally:

@@ -2,8 +2,9 @@
 
 A front-end (coordinator/frontend.py) forwards every call it does not answer
 itself. Over gRPC that hop cost as much CPU again as the node's call (HTTP/2, a
-channel, a call object and thread hand-offs on each side: ~2 ms a call in the
-front-end and as much in the coordinator, bench/coordinator.py), so the link is
+channel, a call object and thread hand-offs on each side: ~2 ms of CPU a call in
+the front-end and as much in the coordinator, measured under bench/coordinator.py's
+load), so the link is
 plainer: length-prefixed protobuf frames, ``RelayCall`` out and ``RelayReply``
 back, matched by id with any number in flight, on one Unix socket per front-end
 in a directory only the coordinator's user can enter.
@@ -51,7 +52,10 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class RelayError(Exception):
-    """A relayed call ended without a reply: its status code and details, for the node."""
+    """A relayed call that ends without a reply: its status code and details, for the node.
+
+    Raised in the coordinator where the interceptor or a servicer aborts the call (it becomes the
+    RelayReply), and in a front-end for that reply, a missed deadline or a broken link."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -68,12 +72,6 @@ def frame(message: Any) -> bytes:
 
 
 # ------------------------------------------------------------------ the coordinator's end
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 class RelayContext:
@@ -97,7 +95,7 @@ class RelayContext:
         return self._deadline is None or time.monotonic() < self._deadline
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Abort(code, details)
+        raise RelayError(code, details)
 
 
 class _Details(NamedTuple):  # grpc.HandlerCallDetails
@@ -245,7 +243,7 @@ class RelayServer:
             reply = handler.unary_unary(call.request, context)
             data = handler.response_serializer(reply) if handler.response_serializer else reply
             return pb.RelayReply(id=call.id, reply=data)
-        except _Abort as e:
+        except RelayError as e:  # the interceptor or a servicer aborted the call
             return pb.RelayReply(id=call.id, code=e.code.value[0], details=e.details)
         except Exception as e:  # as gRPC answers an exception in a servicer
             log.exception("relayed call %s failed", call.method)

@@ -136,8 +136,8 @@ class State:
 
     def __init__(self, path: str | Path, *, shared: bool = False, checkpoints: bool = True) -> None:
         """``checkpoints=False``: no commit on this State's connections copies the write-ahead log
-        into the database file (SQLite does it every 1,000 pages by default, in whichever commit
-        crosses the mark: a call answered meanwhile waited ~0.2 s); the running coordinator's
+        into the database file (SQLite does it every 1,000 pages by default, inside whichever
+        commit crosses the mark, so inside a call being answered); the running coordinator's
         loop does it instead (:meth:`checkpoint`), for every process on the file."""
         self.path = Path(path)
         self.shared = shared
@@ -158,7 +158,7 @@ class State:
         # shared: heartbeats (and nothing the cache reads) are written on this connection.
         self.own: sqlite3.Connection | None = None
         self.own_lock = threading.Lock()
-        self._merge_db: sqlite3.Connection | None = None  # merge_heartbeats' and checkpoint's (_side)
+        self._side_db: sqlite3.Connection | None = None  # merge_heartbeats' and checkpoint's (_side)
         self._versions = dict.fromkeys(WATCHED, 0)  # writes seen per table
         self._cache: dict[Hashable, tuple[tuple[int, ...], Any]] = {}
         self._db.create_function("panal_changed", 1, self._changed)
@@ -181,8 +181,8 @@ class State:
         with self.lock:
             self.flush_heartbeats()
             self._db.close()
-            if self._merge_db is not None:
-                self._merge_db.close()
+            if self._side_db is not None:
+                self._side_db.close()
         if self.own is not None:
             with self.own_lock:
                 self.own.close()
@@ -411,10 +411,10 @@ class State:
 
     def _side(self) -> sqlite3.Connection:
         """The connection of merge_heartbeats and checkpoint (the loop's: one caller at a time)."""
-        if self._merge_db is None:
-            self._merge_db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-            self._no_autocheckpoint(self._merge_db)
-        return self._merge_db
+        if self._side_db is None:
+            self._side_db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            self._no_autocheckpoint(self._side_db)
+        return self._side_db
 
     def _no_autocheckpoint(self, db: sqlite3.Connection) -> None:
         if not self._checkpoints:

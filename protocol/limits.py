@@ -80,8 +80,8 @@ def channel_options() -> list[tuple[str, int]]:
     HTTP/2 BDP probing is off, as on the server (protocol.server.SERVER_TUNING): it
     pings after received data to grow a receive window for bulk transfers, which
     panal's calls are not (blobs travel through the store). A node's heartbeat
-    stream then costs it and the coordinator's front-end a quarter less CPU
-    (bench/coordinator.py).
+    stream then costs it and the coordinator's front-end about a quarter less CPU
+    (one comparison under bench/coordinator.py's load, probing on and off).
     """
     return [
         ("grpc.max_receive_message_length", MAX_REPLY_BYTES),

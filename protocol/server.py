@@ -10,7 +10,7 @@ goes on serving.
 A coordinator's front-end processes (coordinator/frontend.py) terminate the
 nodes' TLS and forward calls over a local socket; the interceptor of that
 socket (``forwarded=True``) takes the client certificate's name from the
-metadata the front-end attaches (:data:`FORWARDED_CN`). Every other check is
+metadata the front-end's call comes with (:data:`FORWARDED_CN`). Every other check is
 made again there: the signature binds the envelope to its sender whichever
 process received it.
 """
@@ -187,10 +187,6 @@ class EnvelopeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if self.authorize is not None:
             self.authorize(spec, verified)
         return verified
-
-    def client_cn(self, context: grpc.ServicerContext) -> str:
-        """The name of the call's client certificate, as this interceptor takes it (forwarded or from TLS)."""
-        return self._client_cn(context)
 
     def _client_cn(self, context: grpc.ServicerContext) -> str:
         if self.forwarded:
