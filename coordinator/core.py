@@ -14,13 +14,14 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from coordinator.detection import Reputation
+from coordinator.groupcommit import GroupCommit
 from coordinator.job import JobSpec, JobSpecError, parse_job
 from coordinator.metrics import Metrics
 from coordinator.placement import NodeOffer, Placement, place, stage_memory
@@ -42,6 +43,20 @@ from storage.manifest import DatasetManifest
 log = logging.getLogger("panal.coordinator")
 
 TOKEN_PREFIX = "pnl_"
+Committed = Literal["written", "already", "taken", "closed"]  # what became of an accepted update (_commit_accepted)
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """An update that passed every check, on its way to the database."""
+
+    update_id: str
+    job: str
+    round: int
+    node_id: str
+    request: pb.SubmitUpdateRequest
+    envelope: bytes
+    envelope_cid: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +95,8 @@ class Coordinator:
         # submitting call closes it before it is answered.
         self.close_in_background = close_in_background
         self.round_ready = threading.Event()
+        # Accepted updates arriving together are committed in one transaction (one disk wait).
+        self._accepted: GroupCommit[_Accepted, Committed] = GroupCommit(self._commit_accepted)
         # Called as a round starts to close: every update is in and no node submits until the
         # result is out (RunningCoordinator collects garbage then, not inside the next round's calls).
         self.before_close: Callable[[], None] | None = None
@@ -479,46 +496,89 @@ class Coordinator:
         # CID recorded: the round's close stores the round's envelopes together as one blob, and
         # the result names it and them, so anyone can re-verify the inputs later (`panal admin verify-round`).
         envelope = _envelope_bytes(verified)
-        envelope_cid = str(cid_of_bytes(envelope))
-        with self.lock:
-            with self.state.tx() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO updates(update_id, job, round, pool, stage, node_id, envelope, envelope_cid,"
-                    " blob_cid, status, reason, received_ms, tokens, loss, norm)"
-                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        update_id,
-                        job,
-                        round,
-                        req.pool,
-                        req.stage,
-                        node_id,
-                        envelope,
-                        envelope_cid,
-                        req.blob_cid,
-                        "accepted",
-                        "",
-                        now_ms(),
-                        req.tokens,
-                        req.loss,
-                        req.norm,
-                    ),
-                )
-                self.state.audit(
-                    "update_accepted",
-                    node_id=node_id,
-                    job=job,
-                    round=round,
-                    db=db,
-                    pool=req.pool,
-                    stage=req.stage,
-                )
-            self.metrics.updates.labels(status="accepted").inc()
-            if not self.close_in_background:
-                self.closer.maybe_close(job, round)
+        outcome = self._accepted.submit(
+            _Accepted(update_id, job, round, node_id, req, envelope, str(cid_of_bytes(envelope)))
+        )
         if self.close_in_background:
             self.round_ready.set()
-        return pb.SubmitUpdateReply(status=pb.UPDATE_STATUS_ACCEPTED, update_id=update_id)
+        if outcome == "written":
+            return pb.SubmitUpdateReply(status=pb.UPDATE_STATUS_ACCEPTED, update_id=update_id)
+        if outcome == "already":  # the same update, committed by a concurrent call
+            return pb.SubmitUpdateReply(
+                status=pb.UPDATE_STATUS_ACCEPTED, update_id=update_id, reason="already accepted"
+            )
+        if outcome == "closed":
+            return self._reject(verified, update_id, f"round {round} closed while the update was being checked")
+        # Another update of this slot was committed while this one was checked.
+        return self._reject(
+            verified, update_id, f"stage {req.stage} of pool {req.pool!r} already has an accepted update this round"
+        )
+
+    def _commit_accepted(self, batch: Sequence[_Accepted]) -> list[Committed]:
+        """Commit accepted updates together (``self._accepted``, a GroupCommit); per update,
+        "written", "already" (that very update was in), "taken" (its slot holds another: the
+        unique index ``updates_accepted_slot`` refused it) or "closed" (its round is no longer open)."""
+        out: list[Committed] = []
+        with self.lock:
+            with self.state.tx() as db:
+                open_rounds = {
+                    (job, round)
+                    for job, round in {(u.job, u.round) for u in batch}
+                    if db.execute(
+                        "SELECT 1 FROM rounds WHERE job=? AND round=? AND state='open'", (job, round)
+                    ).fetchone()
+                }
+                for u in batch:
+                    req = u.request
+                    if (u.job, u.round) not in open_rounds:  # it closed (deadline) while this was checked
+                        out.append("closed")
+                        continue
+                    written = db.execute(
+                        "INSERT OR IGNORE INTO updates(update_id, job, round, pool, stage, node_id, envelope,"
+                        " envelope_cid, blob_cid, status, reason, received_ms, tokens, loss, norm)"
+                        " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            u.update_id,
+                            u.job,
+                            u.round,
+                            req.pool,
+                            req.stage,
+                            u.node_id,
+                            u.envelope,
+                            u.envelope_cid,
+                            req.blob_cid,
+                            "accepted",
+                            "",
+                            now_ms(),
+                            req.tokens,
+                            req.loss,
+                            req.norm,
+                        ),
+                    ).rowcount
+                    if not written:
+                        held = db.execute(
+                            "SELECT update_id FROM updates WHERE job=? AND round=? AND pool=? AND stage=?"
+                            " AND status='accepted'",
+                            (u.job, u.round, req.pool, req.stage),
+                        ).fetchone()
+                        same = held is not None and held["update_id"] == u.update_id
+                        out.append("already" if same else "taken")
+                        continue
+                    self.state.audit(
+                        "update_accepted",
+                        node_id=u.node_id,
+                        job=u.job,
+                        round=u.round,
+                        db=db,
+                        pool=req.pool,
+                        stage=req.stage,
+                    )
+                    out.append("written")
+            self.metrics.updates.labels(status="accepted").inc(out.count("written"))
+            if not self.close_in_background:
+                for job, round in sorted({(u.job, u.round) for u in batch}):
+                    self.closer.maybe_close(job, round)
+        return out
 
     def _reject(self, verified: Verified, update_id: str, reason: str) -> pb.SubmitUpdateReply:
         req: pb.SubmitUpdateRequest = verified.body  # type: ignore[assignment]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -42,6 +43,8 @@ from typing import Any, TypeVar
 
 from protocol import panal_pb2 as pb
 from protocol.errors import NotAuthorized
+
+log = logging.getLogger("panal.coordinator.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes(
@@ -74,6 +77,12 @@ CREATE TABLE IF NOT EXISTS audit(
 CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS versions(name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+
+# One accepted update per slot and round, whichever call commits first (Coordinator._commit_accepted).
+ACCEPTED_SLOT_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_slot ON updates(job, round, pool, stage)"
+    " WHERE status='accepted'"
+)
 
 HEARTBEAT_FLUSH_S = 5.0
 FOLLOW_S = 0.005  # how often a shared State looks for other processes' commits
@@ -150,6 +159,20 @@ class State:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._no_autocheckpoint(self._db)
         self._db.executescript(SCHEMA + VERSION_TRIGGERS)
+        try:
+            self._db.execute(ACCEPTED_SLOT_INDEX)
+        except sqlite3.IntegrityError:  # a file written before the index, by a version without it
+            rows = self._db.execute(
+                "SELECT job, round, pool, stage, COUNT(*) AS n FROM updates WHERE status='accepted'"
+                " GROUP BY job, round, pool, stage HAVING n > 1 LIMIT 5"
+            ).fetchall()
+            log.warning(
+                "%s: some slots hold two accepted updates (%s); without the index on accepted slots, "
+                "only the checks before a commit keep a slot to one update. To restore it, mark all but "
+                "one update of each such slot rejected (table updates) and restart.",
+                self.path,
+                ", ".join(f"{r['job']}/{r['round']}/{r['pool']}/{r['stage']}" for r in rows),
+            )
         self.lock = threading.RLock()
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
         self._flushed = time.monotonic()

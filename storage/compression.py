@@ -107,6 +107,16 @@ def _all_finite(flat: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[a:b]).all()) for a, b in _spans(flat.numel(), _STEP))
 
 
+def all_finite_bytes(buffer: bytes | memoryview, dtype: torch.dtype) -> bool:
+    """Whether every value in ``buffer``, read as ``dtype`` (float32 or float16), is finite.
+
+    One pass over a whole file's data section, in bounded pieces, instead of one call per tensor.
+    """
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+    values = np.frombuffer(buffer, dtype=np_dtype)
+    return all(bool(np.isfinite(values[a:b]).all()) for a, b in _spans(values.size, _STEP))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sender side
 

@@ -161,13 +161,28 @@ def read_header(data: bytes, limits: TensorLimits = TensorLimits()) -> dict[str,
     return specs
 
 
-def load(data: bytes, limits: TensorLimits = TensorLimits()) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes from outside: validated header first, then the tensors."""
-    read_header(data, limits)
+def load(
+    data: bytes, limits: TensorLimits = TensorLimits(), *, expected: Mapping[str, TensorSpec] | None = None
+) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes from outside: validated header first (and, given ``expected``,
+    checked against it with :func:`check_schema`), then the tensors.
+
+    Once loaded, the file's data section is exactly its tensors' bytes, one after another:
+    safetensors refuses a file whose tensors overlap, leave a gap or stop short of the end.
+    """
+    specs = read_header(data, limits)
+    if expected is not None:
+        check_schema(specs, expected)
     try:
         return dict(_st_load(data))
     except Exception as e:  # safetensors raises SafetensorError for overlaps and other framing faults
         raise MalformedMessage(f"tensor file is not valid safetensors: {e}") from e
+
+
+def data_section(data: bytes) -> memoryview:
+    """The bytes after the header of a file :func:`load` accepted: every tensor's data, in order."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return memoryview(data)[8 + n :]
 
 
 def spec_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:

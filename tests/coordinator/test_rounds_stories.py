@@ -10,6 +10,7 @@ tests/e2e. Every story ends with its reason recorded while the round goes on.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -218,6 +219,47 @@ def test_story_a_replayed_update(world):
     with pytest.raises(grpc.RpcError) as info:
         n.client.node.SubmitUpdate(env, timeout=10)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS and "ReplayError" in info.value.details()
+
+
+def test_story_two_updates_for_one_slot_checked_at_once(world, monkeypatch):
+    """A node sends two different updates for its stage at the same moment: both pass the first
+    checks before either is committed, and only one may count. The first to commit is accepted;
+    the other is rejected with its reason when it reaches the database."""
+    import coordinator.core
+
+    nodes = running_job(world)
+    n = nodes["pool-a"][0]
+    a = assignment(n)
+    _, first = make_update(world, n, a, seed=1)
+    _, second = make_update(world, n, a, seed=2)
+    checking, go_on = threading.Event(), threading.Event()
+    real = coordinator.core.load_update
+
+    def held_at_the_blob_check(store, request, **kw):
+        if request.blob_cid == first.blob_cid:  # the first update waits here, after the slot check
+            checking.set()
+            assert go_on.wait(20), "the test never let the first update go on"
+        return real(store, request, **kw)
+
+    monkeypatch.setattr(coordinator.core, "load_update", held_at_the_blob_check)
+    replies = {}
+    t = threading.Thread(target=lambda: replies.setdefault("first", submit(n, a, first)))
+    t.start()
+    try:
+        assert checking.wait(20), "the first update never reached its blob check"
+        assert submit(n, a, second).status == pb.UPDATE_STATUS_ACCEPTED
+    finally:
+        go_on.set()
+        t.join(30)
+    assert replies["first"].status == pb.UPDATE_STATUS_REJECTED
+    assert "already has an accepted update" in replies["first"].reason
+    rows = world["running"].coordinator.state.query(
+        "SELECT blob_cid, status FROM updates WHERE job=? AND round=? AND pool=? AND stage=?",
+        (a.job, a.round, a.pool, a.stage),
+    )
+    assert sorted((r["blob_cid"], r["status"]) for r in rows) == sorted(
+        [(second.blob_cid, "accepted"), (first.blob_cid, "rejected")]
+    )
 
 
 def test_story_a_blob_whose_hash_does_not_match_its_manifest(world):

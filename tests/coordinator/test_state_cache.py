@@ -10,6 +10,7 @@ budget.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -111,7 +112,7 @@ def test_a_shared_state_drops_only_what_another_process_wrote(tmp_path):
         with coordinator.tx() as db:
             db.execute(
                 "INSERT INTO updates(update_id, job, round, pool, stage, node_id, status) VALUES(?,?,?,?,?,?,?)",
-                (f"u{i}", "j", 0, "pool-a", 0, "n1", "accepted"),
+                (f"u{i}", "j", 0, "pool-a", i, "n1", "accepted"),
             )
         coordinator.heartbeat("n1", {"step": i})
         coordinator.flush_heartbeats()
@@ -148,3 +149,21 @@ def test_a_coordinator_s_state_checkpoints_only_when_told(tmp_path):
     assert db_file.stat().st_size > 300 * 16_000
     assert len(state.get_kv("k299")) == 16_000
     state.close()
+
+
+def test_one_accepted_update_per_slot_and_an_older_file_that_broke_it_still_opens(tmp_path, caplog):
+    state = make_state(tmp_path)
+    insert = "INSERT OR IGNORE INTO updates(update_id, job, round, pool, stage, node_id, status) VALUES(?,?,?,?,?,?,?)"
+    with state.tx() as db:
+        assert db.execute(insert, ("u1", "j", 0, "pool-a", 0, "n1", "accepted")).rowcount == 1
+        assert db.execute(insert, ("u2", "j", 0, "pool-a", 0, "n1", "accepted")).rowcount == 0  # slot taken
+        assert db.execute(insert, ("u3", "j", 0, "pool-a", 0, "n1", "rejected")).rowcount == 1  # any number
+        # A file from before the index, holding a slot twice: it opens, with a warning naming the slot.
+        db.execute("DROP INDEX updates_accepted_slot")
+        db.execute(insert, ("u4", "j", 0, "pool-a", 0, "n1", "accepted"))
+    state.close()
+    with caplog.at_level(logging.WARNING, logger="panal.coordinator.state"):
+        reopened = State(tmp_path / "state.db")
+    assert "j/0/pool-a/0" in caplog.text and "mark all but one" in caplog.text
+    assert len(reopened.query("SELECT * FROM updates WHERE status='accepted'")) == 2
+    reopened.close()

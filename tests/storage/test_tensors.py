@@ -83,3 +83,39 @@ def test_schema_and_finite_checks():
     bad["w"][0, 0] = float("nan")
     with pytest.raises(MalformedMessage, match="'w'"):
         tensors.check_finite(bad)
+
+
+def _craft(entries, body):
+    """A safetensors file with the header entries given as they are (not as dump would lay them out)."""
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + body
+
+
+@pytest.mark.parametrize(
+    ("story", "entries", "body"),
+    [
+        ("a gap between two tensors", {"a": [0, 8], "b": [12, 20]}, bytes(20)),
+        ("two tensors overlapping", {"a": [0, 8], "b": [4, 12]}, bytes(12)),
+        ("bytes after the last tensor", {"a": [0, 8], "b": [8, 16]}, bytes(20)),
+    ],
+)
+def test_a_data_section_that_is_not_exactly_the_tensors_is_refused(story, entries, body):
+    """What ``data_section`` promises (and the coordinator's one-pass finite check relies on): a
+    file that loads has no byte outside its tensors, so no hidden NaN can sit in a gap."""
+    data = _craft({k: {"dtype": "F32", "shape": [2], "data_offsets": v} for k, v in entries.items()}, body)
+    tensors.read_header(data)  # each entry on its own is in range
+    with pytest.raises(MalformedMessage, match="not valid safetensors"):
+        tensors.load(data)
+
+
+def test_data_section_is_every_tensor_byte_and_load_checks_an_expected_schema():
+    t = {"b": torch.arange(3, dtype=torch.float32), "a": torch.ones(2, 2)}
+    data = tensors.dump(t)
+    section = tensors.data_section(data)
+    assert len(section) == sum(v.numel() * 4 for v in t.values())
+    assert bytes(section) in data and data.endswith(bytes(section))
+    got = tensors.load(data, expected=tensors.spec_of(t))
+    assert torch.equal(got["b"], t["b"])
+    with pytest.raises(SchemaError, match="missing tensors: c"):
+        tensors.load(data, expected={**tensors.spec_of(t), "c": TensorSpec("F32", (1,))})
