@@ -122,9 +122,9 @@ def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def running_job(ctx):
+def running_job(ctx, **over):
     nodes = {p: [enroll(ctx, p) for _ in range(STAGES)] for p in POOLS}
-    admin(ctx, "SubmitJob", pb.SubmitJobRequest(spec_yaml=job_yaml(ctx)))
+    admin(ctx, "SubmitJob", pb.SubmitJobRequest(spec_yaml=job_yaml(ctx, **over)))
     for ns in nodes.values():
         for n in ns:
             n.call("Heartbeat", pb.HeartbeatRequest())
@@ -260,6 +260,41 @@ def test_story_two_updates_for_one_slot_checked_at_once(world, monkeypatch):
     assert sorted((r["blob_cid"], r["status"]) for r in rows) == sorted(
         [(second.blob_cid, "accepted"), (first.blob_cid, "rejected")]
     )
+
+
+def test_story_an_update_still_being_checked_when_its_round_closes(world, monkeypatch):
+    """The round's deadline passes while an update is being checked: the round closes without
+    it, so it is rejected, not acknowledged as if it counted."""
+    import coordinator.core
+
+    nodes = running_job(world, round_timeout_s=2)
+    late = nodes["pool-a"][0]
+    a = assignment(late)
+    _, req = make_update(world, late, a)
+    checking, go_on = threading.Event(), threading.Event()
+    real = coordinator.core.load_update
+
+    def held_at_the_blob_check(store, request, **kw):
+        if request.blob_cid == req.blob_cid:
+            checking.set()
+            assert go_on.wait(30), "the test never let the update go on"
+        return real(store, request, **kw)
+
+    monkeypatch.setattr(coordinator.core, "load_update", held_at_the_blob_check)
+    replies = {}
+    t = threading.Thread(target=lambda: replies.setdefault("late", submit(late, a, req)))
+    t.start()
+    try:
+        assert checking.wait(20), "the update never reached its blob check"
+        for n in nodes["pool-b"]:  # pool-b answers; the round closes at its deadline without pool-a
+            b = assignment(n)
+            assert submit(n, b, make_update(world, n, b)[1]).status == pb.UPDATE_STATUS_ACCEPTED
+        round_result(nodes["pool-b"][0], a.round)
+    finally:
+        go_on.set()
+        t.join(30)
+    assert replies["late"].status == pb.UPDATE_STATUS_REJECTED
+    assert f"round {a.round} closed while the update was being checked" in replies["late"].reason
 
 
 def test_story_a_blob_whose_hash_does_not_match_its_manifest(world):
