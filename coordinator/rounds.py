@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -45,12 +47,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("panal.coordinator")
 
 WEIGHT_LIMITS = TensorLimits(max_bytes=64 << 30)
+MAX_SPECS = 4096  # weights specs remembered (RoundCloser.weights_spec): many rounds of a deep job
 
 
 class RoundCloser:
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
-        self._specs: dict[str, dict[str, TensorSpec]] = {}
+        # Weights CID -> its tensors' names, shapes and dtypes: a round's stages, newest last
+        # (a new entry per stage every round, so the oldest are dropped past MAX_SPECS).
+        self._specs: OrderedDict[str, dict[str, TensorSpec]] = OrderedDict()
+        self._specs_lock = threading.Lock()
         self._needs: dict[str, list[int]] = {}
         self.kept = TensorCache()  # deltas checked at submission, weights and momentum this closer wrote
         self._tokens: dict[str, ShardTokens] = {}  # dataset CID → its shards' token presence
@@ -63,11 +69,17 @@ class RoundCloser:
         if row is None:
             raise ValueError(f"job {job!r} has no round {round}")
         cid = json.loads(row["start_weights"])[str(stage)]
-        if cid not in self._specs:
-            self._specs[cid] = tensors.read_header(
-                self.c.store.get_bytes(cid, max_bytes=WEIGHT_LIMITS.max_bytes), WEIGHT_LIMITS
-            )
-        return self._specs[cid]
+        with self._specs_lock:
+            spec = self._specs.get(cid)
+            if spec is not None:
+                self._specs.move_to_end(cid)
+                return spec
+        spec = tensors.read_header(self.c.store.get_bytes(cid, max_bytes=WEIGHT_LIMITS.max_bytes), WEIGHT_LIMITS)
+        with self._specs_lock:
+            self._specs[cid] = spec
+            while len(self._specs) > MAX_SPECS:
+                self._specs.popitem(last=False)
+        return spec
 
     def stage_needs(self, spec: JobSpec) -> list[int]:
         key = spec.to_json()

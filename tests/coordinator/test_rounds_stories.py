@@ -521,3 +521,17 @@ def test_anyone_can_recompute_a_round_from_the_store(world):
     short = str(world["store"].put_bytes(seal(coordinator, body, job="j1", round=1).SerializeToString()))
     bad = [c for c in verify_round(world["store"], spec, short, round=1, coordinator_key=key, previous_cid=rows[0]) if not c.ok]
     assert [c.what for c in bad] == ["stage 0 inputs"] and "is not in the round's bundle" in bad[0].detail
+
+
+def test_the_weights_specs_remembered_are_bounded(world, monkeypatch):
+    """A spec per stage per round is read once and remembered; past MAX_SPECS the oldest go."""
+    import coordinator.rounds
+
+    nodes = running_job(world)
+    a = assignment(nodes["pool-a"][0])
+    closer = world["running"].coordinator.closer
+    monkeypatch.setattr(coordinator.rounds, "MAX_SPECS", 1)
+    first = closer.weights_spec(a.job, a.round, 0)
+    second = closer.weights_spec(a.job, a.round, 1)
+    assert list(closer._specs.values()) == [second] and first != second
+    assert closer.weights_spec(a.job, a.round, 0) == first  # read again from its blob
