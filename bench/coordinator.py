@@ -29,7 +29,8 @@ About six minutes on two cores; --nodes, --seconds, --presets and --skip-* short
    above plus the slot and base-weights checks, the blob fetched from the store
    with its CID verified, its size, SHA-256, safetensors schema and finite
    values checked, and the update (with its signed envelope) committed to
-   SQLite; front-ends forward it to the coordinator process (coordinator/relay.py).
+   SQLite (updates arriving together share a commit: coordinator/groupcommit.py);
+   front-ends forward it to the coordinator process (coordinator/relay.py).
    Rounds that close in a window are part of it (their envelopes stored as one
    blob). Latencies are client-observed, from the call to its reply (sealing
    excluded). Baseline: the same envelope (and blob) checks in
@@ -37,7 +38,9 @@ About six minutes on two cores; --nodes, --seconds, --presets and --skip-* short
    gRPC echo server (one process, the coordinator's mTLS and thread pool, the
    same streams and request bytes; no envelope checks, no coordinator) under
    the same loads: what gRPC in Python costs per heartbeat on this machine.
-   Server CPU is that of every server process. Target: N = 1000 with p99 < 100 ms.
+   Server CPU is that of every server process; idle, the share of the whole
+   machine's CPU time left idle in the window (the load generator runs on the
+   same cores). Target: N = 1000 with p99 < 100 ms.
 
 2. Round overhead. A coordinator in this process takes the R = 2 updates of a
    round (one stage per pool) of the ``tiny`` and ``125m`` presets as real
@@ -232,6 +235,17 @@ def serve_echo(conn: Any) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_times() -> list[int]:
+    """The whole machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def idle_share(t0: list[int], t1: list[int]) -> float:
+    """The share of the machine's CPU time that was idle between two ``machine_times``."""
+    d = [b - a for a, b in zip(t0, t1, strict=True)]
+    return (d[3] + d[4]) / max(1, sum(d))
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -470,6 +484,7 @@ class Row:
     server_cpu: float
     client_cpu: float
     client_lag_p99_ms: float
+    machine_idle: float = float("nan")  # the share of the machine's CPU left idle in the window
 
 
 def window(load: Load, kind: str, t0: float, t1: float) -> tuple[float, float, float, int]:
@@ -499,16 +514,16 @@ async def run_load(load: Load, pids: list[int], seconds: float, update_period: f
         t0, t1 = start + 2.0, start + 2.0 + seconds
         tasks = [asyncio.create_task(c) for c in [*traffic(t1), load.watch_loop(t1)]]
         await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-        c0, p0 = cpu_of(pids), time.process_time()
+        c0, p0, m0 = cpu_of(pids), time.process_time(), machine_times()
         await asyncio.sleep(max(0.0, t1 - time.perf_counter()))
-        c1, p1 = cpu_of(pids), time.process_time()
+        c1, p1, m1 = cpu_of(pids), time.process_time(), machine_times()
         await asyncio.gather(*tasks)
         lag = percentile([late * 1e3 for when, late in load.lags if t0 <= when < t1], 0.99)
         for kind, off in offered.items():
             rate, p50, p99, errors = window(load, kind, t0, t1)
             label = what if len(offered) == 1 else f"{what}: {kind}s"
             cpu = ((c1 - c0) / seconds, (p1 - p0) / seconds)
-            rows.append(Row(n, label, off, rate, p50, p99, errors, *cpu, lag))
+            rows.append(Row(n, label, off, rate, p50, p99, errors, *cpu, lag, idle_share(m0, m1)))
 
     def heartbeats(until: float) -> list[Coroutine[Any, Any, None]]:
         return [load.heartbeat_loop(node, until) for node in load.nodes]
@@ -876,7 +891,7 @@ def print_load(rows: list[Row], hb_base: float, up_base: float, ns: list[int], a
     )
     print(
         f"{'N':>5} {'what':42} {'offered/s':>9} {'done/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'errors':>6} {'server CPU':>10} {'client CPU':>10} {'client lag p99':>14}"
+        f"{'errors':>6} {'server CPU':>10} {'client CPU':>10} {'client lag p99':>14} {'idle':>5}"
     )
     for r in rows:
         ratio = f"{r.achieved / r.offered:6.2f}" if r.offered else "     -"
@@ -888,7 +903,8 @@ def print_load(rows: list[Row], hb_base: float, up_base: float, ns: list[int], a
         )
         print(
             f"{r.n or '-':>5} {r.what:42} {off} {r.achieved:8.1f} {ratio} {r.p50_ms:7.1f} {r.p99_ms:7.1f} "
-            f"{r.errors:>6} {r.server_cpu:10.0%} {r.client_cpu:10.0%} {lag}"
+            f"{r.errors:>6} {r.server_cpu:10.0%} {r.client_cpu:10.0%} {lag} "
+            + (f"{r.machine_idle:5.0%}" if r.machine_idle == r.machine_idle else "    -")
         )
     print(
         f"in-process (one thread, no gRPC, no SQLite): heartbeat envelope checks {hb_base:,.0f}/s, "
