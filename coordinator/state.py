@@ -174,7 +174,9 @@ class State:
                 ", ".join(f"{r['job']}/{r['round']}/{r['pool']}/{r['stage']}" for r in rows),
             )
         self.lock = threading.RLock()
-        self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}  # node -> newest known (time, status)
+        self._unflushed: dict[str, tuple[int, dict[str, Any]]] = {}  # received here since the last flush
+        self._beats_lock = threading.Lock()
         self._flushed = time.monotonic()
         self._data_version = -1  # another connection's last commit, as SQLite counts them
         self._file_versions: dict[str, int] = {}  # table -> its count in ``versions``, as last read
@@ -391,7 +393,10 @@ class State:
 
     def heartbeat(self, node_id: str, status: dict[str, Any]) -> None:
         """Record a heartbeat in memory; written to disk every few seconds (by the coordinator's tick)."""
-        self._heartbeats[node_id] = (now_ms(), status)  # one dict store: atomic, no lock needed
+        beat = (now_ms(), status)
+        with self._beats_lock:
+            self._heartbeats[node_id] = beat
+            self._unflushed[node_id] = beat
 
     def flush_heartbeats_if_due(self) -> None:
         if time.monotonic() - self._flushed > HEARTBEAT_FLUSH_S:
@@ -400,12 +405,20 @@ class State:
                     self.flush_heartbeats()
 
     def flush_heartbeats(self) -> None:
-        """Write the heartbeats held in memory over older ones on disk (never over newer ones)."""
+        """Write the heartbeats received here since the last flush over older ones on disk (never
+        over newer ones). Those merged from disk (front-ends') are there already."""
         with self.lock:
-            rows = [(ts, json.dumps(st), nid, ts) for nid, (ts, st) in list(self._heartbeats.items())]
-            if rows:
-                with self.tx() as db:
-                    db.executemany(HEARTBEAT_SQL, rows)
+            with self._beats_lock:
+                beats, self._unflushed = self._unflushed, {}
+            rows = [(ts, json.dumps(st), nid, ts) for nid, (ts, st) in beats.items()]
+            try:
+                if rows:
+                    with self.tx() as db:
+                        db.executemany(HEARTBEAT_SQL, rows)
+            except BaseException:
+                with self._beats_lock:  # kept for the next flush; newer heartbeats meanwhile win
+                    self._unflushed = {**beats, **self._unflushed}
+                raise
             self._flushed = time.monotonic()
 
     def merge_heartbeats(self) -> None:
@@ -419,10 +432,16 @@ class State:
             .execute("SELECT node_id, last_heartbeat_ms, status FROM nodes WHERE state IN ('active', 'lost')")
             .fetchall()
         )
+        newer = []
         for node_id, ts, status in rows:
             held = self._heartbeats.get(node_id)
             if ts and (held is None or ts > held[0]):
-                self._heartbeats[node_id] = (ts, json.loads(status or "{}"))
+                newer.append((node_id, ts, status))
+        with self._beats_lock:  # compared again: a heartbeat received meanwhile is newer still
+            for node_id, ts, status in newer:
+                held = self._heartbeats.get(node_id)
+                if held is None or ts > held[0]:
+                    self._heartbeats[node_id] = (ts, json.loads(status or "{}"))
 
     def checkpoint(self) -> None:
         """Copy what the write-ahead log holds into the database file, as far as no reader needs it.

@@ -10,12 +10,13 @@ budget.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import torch
 
-from coordinator.state import State
+from coordinator.state import HEARTBEAT_SQL, State, now_ms
 from coordinator.tensor_cache import TensorCache
 
 
@@ -167,3 +168,29 @@ def test_one_accepted_update_per_slot_and_an_older_file_that_broke_it_still_open
     assert "j/0/pool-a/0" in caplog.text and "mark all but one" in caplog.text
     assert len(reopened.query("SELECT * FROM updates WHERE status='accepted'")) == 2
     reopened.close()
+
+
+def test_the_coordinator_writes_back_only_the_heartbeats_it_received(tmp_path):
+    """Front-ends write the heartbeats they answer; the coordinator merges them into memory and
+    writes back only those it received itself (not a thousand no-op updates every few seconds)."""
+    state = make_state(tmp_path)
+    with state.tx() as db:
+        db.execute(
+            "INSERT INTO nodes(node_id, public_key, name, pool, state, last_heartbeat_ms, status)"
+            " VALUES('n2', x'01', 'two', 'pool-a', 'active', 0, '{}')"
+        )
+    frontend = State(tmp_path / "state.db", shared=True)
+    with frontend.own_tx() as db:  # as a front-end's flush writes what it answered
+        db.execute(HEARTBEAT_SQL, (now_ms(), '{"step": 3}', "n1", now_ms()))
+    state.merge_heartbeats()
+    assert state.node("n1").status == {"step": 3}
+    state.heartbeat("n2", {"step": 9})
+    written = []
+    state._db.set_trace_callback(lambda sql: written.append(sql) if sql.startswith("UPDATE nodes") else None)
+    state.flush_heartbeats()
+    state._db.set_trace_callback(None)
+    assert len(written) == 1 and "'n2'" in written[0]
+    assert json.loads(state.one("SELECT status FROM nodes WHERE node_id='n2'")["status"]) == {"step": 9}
+    state.flush_heartbeats()  # nothing new since: nothing written
+    frontend.close()
+    state.close()
