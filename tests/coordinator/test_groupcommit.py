@@ -42,12 +42,12 @@ def submit_in_thread(gc, item, out):
 
 def wait_queued(gc, n):
     """Until n callers are queued behind the writer (a bounded wait on a condition)."""
-    deadline = threading.Event()
+    pause = threading.Event()  # never set: a bounded sleep between looks
     for _ in range(2000):
         with gc._mu:
             if len(gc._queue) >= n:
                 return
-        deadline.wait(0.005)
+        pause.wait(0.005)
     raise AssertionError(f"{n} callers never queued")
 
 

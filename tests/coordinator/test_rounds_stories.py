@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -221,38 +222,46 @@ def test_story_a_replayed_update(world):
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS and "ReplayError" in info.value.details()
 
 
+@contextmanager
+def held_at_its_blob_check(monkeypatch, node, a, req):
+    """``submit(node, a, req)`` in a thread, held at its blob check (past the slot checks, before
+    the commit) until the block ends; yields a dict that then holds its reply under "reply"."""
+    import coordinator.core
+
+    checking, go_on = threading.Event(), threading.Event()
+    real = coordinator.core.load_update
+
+    def held(store, request, **kw):
+        if request.blob_cid == req.blob_cid:
+            checking.set()
+            assert go_on.wait(30), "the test never let the update go on"
+        return real(store, request, **kw)
+
+    monkeypatch.setattr(coordinator.core, "load_update", held)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("reply", submit(node, a, req)))
+    t.start()
+    try:
+        assert checking.wait(20), "the update never reached its blob check"
+        yield out
+    finally:
+        go_on.set()
+        t.join(30)
+
+
 def test_story_two_updates_for_one_slot_checked_at_once(world, monkeypatch):
     """A node sends two different updates for its stage at the same moment: both pass the first
     checks before either is committed, and only one may count. The first to commit is accepted;
     the other is rejected with its reason when it reaches the database."""
-    import coordinator.core
-
     nodes = running_job(world)
     n = nodes["pool-a"][0]
     a = assignment(n)
     _, first = make_update(world, n, a, seed=1)
     _, second = make_update(world, n, a, seed=2)
-    checking, go_on = threading.Event(), threading.Event()
-    real = coordinator.core.load_update
-
-    def held_at_the_blob_check(store, request, **kw):
-        if request.blob_cid == first.blob_cid:  # the first update waits here, after the slot check
-            checking.set()
-            assert go_on.wait(20), "the test never let the first update go on"
-        return real(store, request, **kw)
-
-    monkeypatch.setattr(coordinator.core, "load_update", held_at_the_blob_check)
-    replies = {}
-    t = threading.Thread(target=lambda: replies.setdefault("first", submit(n, a, first)))
-    t.start()
-    try:
-        assert checking.wait(20), "the first update never reached its blob check"
+    with held_at_its_blob_check(monkeypatch, n, a, first) as held:
         assert submit(n, a, second).status == pb.UPDATE_STATUS_ACCEPTED
-    finally:
-        go_on.set()
-        t.join(30)
-    assert replies["first"].status == pb.UPDATE_STATUS_REJECTED
-    assert "already has an accepted update" in replies["first"].reason
+    assert held["reply"].status == pb.UPDATE_STATUS_REJECTED
+    assert "already has an accepted update" in held["reply"].reason
     rows = world["running"].coordinator.state.query(
         "SELECT blob_cid, status FROM updates WHERE job=? AND round=? AND pool=? AND stage=?",
         (a.job, a.round, a.pool, a.stage),
@@ -265,36 +274,17 @@ def test_story_two_updates_for_one_slot_checked_at_once(world, monkeypatch):
 def test_story_an_update_still_being_checked_when_its_round_closes(world, monkeypatch):
     """The round's deadline passes while an update is being checked: the round closes without
     it, so it is rejected, not acknowledged as if it counted."""
-    import coordinator.core
-
     nodes = running_job(world, round_timeout_s=2)
     late = nodes["pool-a"][0]
     a = assignment(late)
     _, req = make_update(world, late, a)
-    checking, go_on = threading.Event(), threading.Event()
-    real = coordinator.core.load_update
-
-    def held_at_the_blob_check(store, request, **kw):
-        if request.blob_cid == req.blob_cid:
-            checking.set()
-            assert go_on.wait(30), "the test never let the update go on"
-        return real(store, request, **kw)
-
-    monkeypatch.setattr(coordinator.core, "load_update", held_at_the_blob_check)
-    replies = {}
-    t = threading.Thread(target=lambda: replies.setdefault("late", submit(late, a, req)))
-    t.start()
-    try:
-        assert checking.wait(20), "the update never reached its blob check"
+    with held_at_its_blob_check(monkeypatch, late, a, req) as held:
         for n in nodes["pool-b"]:  # pool-b answers; the round closes at its deadline without pool-a
             b = assignment(n)
             assert submit(n, b, make_update(world, n, b)[1]).status == pb.UPDATE_STATUS_ACCEPTED
         round_result(nodes["pool-b"][0], a.round)
-    finally:
-        go_on.set()
-        t.join(30)
-    assert replies["late"].status == pb.UPDATE_STATUS_REJECTED
-    assert f"round {a.round} closed while the update was being checked" in replies["late"].reason
+    assert held["reply"].status == pb.UPDATE_STATUS_REJECTED
+    assert f"round {a.round} closed while the update was being checked" in held["reply"].reason
 
 
 def test_story_a_blob_whose_hash_does_not_match_its_manifest(world):
