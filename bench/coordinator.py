@@ -13,8 +13,12 @@ About six minutes on two cores; --nodes, --seconds, --presets and --skip-* short
    is not timed). The job is a small model cut into S = 50 pipeline stages, N/S
    pools (so each stage aggregates N/S updates, as a deep model over few pools
    would). In every window each node heartbeats once a second on its
-   HeartbeatStream call, as the node daemon does, each time a freshly sealed
-   envelope (new timestamp and nonce):
+   HeartbeatStream call, as the node daemon does, each time an envelope of its
+   own (timestamp and nonce). The heartbeats are sealed just before each window
+   (they arrive well within the coordinator's 120 s freshness window): signing is
+   the nodes' work, done on their own machines, and here it would take the very
+   cores the coordinator is measured on. The bare gRPC echo below sends its
+   heartbeats sealed ahead the same way.
 
    - ``heartbeats``: heartbeats alone;
    - ``mixed``: heartbeats, plus every node submitting its stage's update once
@@ -60,9 +64,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -104,6 +110,7 @@ STAGES = 50
 LOAD_MODEL = {"vocab_size": 256, "seq_len": 32, "n_layer": STAGES, "n_head": 2, "d_model": 16}
 CAPACITY_IN_FLIGHT = 64
 CAPACITY_SECONDS = 6.0
+CAPACITY_BEATS = 4000  # heartbeats a second sealed ahead for the capacity window (more are sealed as sent)
 H = 50
 
 
@@ -263,6 +270,8 @@ class SimNode:
     epoch: int = 0
     update: pb.SubmitUpdateRequest | None = None
     stream: Any = None  # its HeartbeatStream call, opened at the first heartbeat
+    # Its heartbeats, sealed ahead of the window (Load.seal_ahead).
+    sealed: collections.deque[pb.Envelope] = field(default_factory=collections.deque)
     beating: asyncio.Lock = field(default_factory=asyncio.Lock)  # one beat at a time on the stream
 
     def seal(self, body: Any, *, job: str = "", round: int = 0) -> pb.Envelope:
@@ -362,8 +371,8 @@ class Load:
 
     # ------------------------------------------------------------ traffic
 
-    async def heartbeat(self, node: SimNode) -> None:
-        body = pb.HeartbeatRequest(
+    def heartbeat_body(self, node: SimNode) -> pb.HeartbeatRequest:
+        return pb.HeartbeatRequest(
             state=pb.NODE_STATE_TRAINING,
             step=7,
             loss=3.0,
@@ -371,15 +380,24 @@ class Load:
             round=self.round,
             epoch=node.epoch,
         )
+
+    def seal_ahead(self, per_node: int) -> None:
+        """Seal ``per_node`` heartbeats for each node now, before a window: each its own envelope
+        (timestamp and nonce), sent within the receiver's freshness window. Sealing is the nodes'
+        work, on their own machines; here it would take the cores the coordinator is measured on."""
+        for node in self.nodes:
+            node.sealed = collections.deque(node.seal(self.heartbeat_body(node)) for _ in range(per_node))
+
+    async def heartbeat(self, node: SimNode) -> None:
         async with node.beating:  # as the node daemon does: one beat, then its reply, on one stream
-            env = node.seal(body)
+            env = node.sealed.popleft() if node.sealed else node.seal(self.heartbeat_body(node))
             t0 = time.perf_counter()
             try:
                 if node.stream is None:
                     node.stream = node.stub.HeartbeatStream()
                 await node.stream.write(env)
-                ok = isinstance(await asyncio.wait_for(node.stream.read(), 60), pb.HeartbeatReply)
-            except (TimeoutError, grpc.aio.AioRpcError) as e:
+                ok = isinstance(await node.stream.read(), pb.HeartbeatReply)
+            except grpc.aio.AioRpcError as e:
                 print(f"  heartbeat failed: {e}", file=sys.stderr)
                 node.stream.cancel()
                 node.stream, ok = None, False
@@ -507,9 +525,12 @@ async def run_load(load: Load, pids: list[int], seconds: float, update_period: f
         offered: dict[str, float | None],
         traffic: Callable[[float], list[Coroutine[Any, Any, None]]],
         seconds: float,
+        beats: float,
     ) -> None:
-        """Run ``traffic`` for a 2 s warm-up and a measured window; a row per kind of call."""
+        """Run ``traffic`` for a 2 s warm-up and a measured window; a row per kind of call.
+        ``beats``: heartbeats a second it sends at most (sealed ahead, spread over the nodes)."""
         progress(f"N={n}: {what}")
+        load.seal_ahead(math.ceil(beats * (seconds + 3.0) / n) if beats else 0)
         start = time.perf_counter()
         t0, t1 = start + 2.0, start + 2.0 + seconds
         tasks = [asyncio.create_task(c) for c in [*traffic(t1), load.watch_loop(t1)]]
@@ -517,7 +538,7 @@ async def run_load(load: Load, pids: list[int], seconds: float, update_period: f
         c0, p0, m0 = cpu_of(pids), time.process_time(), machine_times()
         await asyncio.sleep(max(0.0, t1 - time.perf_counter()))
         c1, p1, m1 = cpu_of(pids), time.process_time(), machine_times()
-        await asyncio.gather(*tasks)
+        await asyncio.wait_for(asyncio.gather(*tasks), 300)  # a call that never returns: an error, not a hang
         lag = percentile([late * 1e3 for when, late in load.lags if t0 <= when < t1], 0.99)
         for kind, off in offered.items():
             rate, p50, p99, errors = window(load, kind, t0, t1)
@@ -528,24 +549,27 @@ async def run_load(load: Load, pids: list[int], seconds: float, update_period: f
     def heartbeats(until: float) -> list[Coroutine[Any, Any, None]]:
         return [load.heartbeat_loop(node, until) for node in load.nodes]
 
-    await measure("heartbeats", {"heartbeat": n}, heartbeats, seconds)
+    await measure("heartbeats", {"heartbeat": n}, heartbeats, seconds, beats=n)
     await measure(
         "mixed",
         {"heartbeat": n, "update": n / update_period},
         lambda until: [*heartbeats(until), load.updates(until, rate=n / update_period)],
         seconds,
+        beats=n,
     )
     await measure(
         f"capacity, heartbeats ({CAPACITY_IN_FLIGHT} in flight)",
         {"heartbeat": None},
         lambda until: [load.closed_loop(until, CAPACITY_IN_FLIGHT)],
         CAPACITY_SECONDS,
+        beats=CAPACITY_BEATS,
     )
     await measure(
         f"capacity, updates ({CAPACITY_IN_FLIGHT} in flight)",
         {"update": None},
         lambda until: [load.updates(until, in_flight=CAPACITY_IN_FLIGHT)],
         CAPACITY_SECONDS,
+        beats=0,
     )
     return rows
 
@@ -602,6 +626,10 @@ def echo_server() -> Iterator[tuple[int, bytes, Any, int]]:
         proc.join(30)
 
 
+def heartbeat_envelope(signer: Signer) -> pb.Envelope:
+    return seal(signer, pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=7))  # type: ignore[arg-type]
+
+
 def echo_paced(n: int, seconds: float) -> Row:
     """The heartbeats window against the bare gRPC echo server: n connections, one call a second each.
 
@@ -619,12 +647,12 @@ def echo_paced(n: int, seconds: float) -> Row:
         signer = Signer(Identity.generate())
         lat: list[tuple[float, float]] = []  # (start, ms)
 
-        async def node(channel: grpc.aio.Channel, until: float) -> None:
+        async def node(channel: grpc.aio.Channel, sealed: Iterator[pb.Envelope], until: float) -> None:
             stream = pb_grpc.NodeServiceStub(channel).HeartbeatStream()
             t = time.perf_counter() + random.random()
             while t < until:
                 await asyncio.sleep(max(0.0, t - time.perf_counter()))
-                env = seal(signer, pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=7))  # type: ignore[arg-type]
+                env = next(sealed, None) or heartbeat_envelope(signer)
                 t0 = time.perf_counter()
                 await stream.write(env)
                 await stream.read()
@@ -632,10 +660,11 @@ def echo_paced(n: int, seconds: float) -> Row:
                 t = max(t + 1.0, time.perf_counter())
             stream.cancel()
 
-        start = time.perf_counter()
+        sealed = [iter([heartbeat_envelope(signer) for _ in range(math.ceil(seconds) + 3)]) for _ in channels]
+        start = time.perf_counter()  # sealed ahead, as Load's heartbeats
         t0, t1 = start + 2.0, start + 2.0 + seconds  # the first 2 s warm up
         c0, p0 = cpu_seconds(pid), time.process_time()
-        await asyncio.gather(*(node(c, t1) for c in channels))
+        await asyncio.gather(*(node(c, beats, t1) for c, beats in zip(channels, sealed, strict=True)))
         dt = time.perf_counter() - start
         cpu = ((cpu_seconds(pid) - c0) / dt, (time.process_time() - p0) / dt)
         await asyncio.gather(*(c.close() for c in channels))
@@ -672,20 +701,27 @@ def echo_capacity(n: int, seconds: float) -> Row:
         signer = Signer(Identity.generate())
         lat: list[float] = []
 
-        async def worker(channel: grpc.aio.Channel, until: float) -> None:
+        def seal_ahead(seconds: float) -> list[Iterator[pb.Envelope]]:  # as Load's heartbeats
+            per_worker = math.ceil(CAPACITY_BEATS * seconds / CAPACITY_IN_FLIGHT)
+            return [iter([heartbeat_envelope(signer) for _ in range(per_worker)]) for _ in channels]
+
+        async def worker(channel: grpc.aio.Channel, sealed: Iterator[pb.Envelope], until: float) -> None:
             stream = pb_grpc.NodeServiceStub(channel).HeartbeatStream()
             while time.perf_counter() < until:
-                env = seal(signer, pb.HeartbeatRequest(state=pb.NODE_STATE_TRAINING, step=7))  # type: ignore[arg-type]
+                env = next(sealed, None) or heartbeat_envelope(signer)
                 t = time.perf_counter()
                 await stream.write(env)
                 await stream.read()
                 lat.append((time.perf_counter() - t) * 1e3)
             stream.cancel()
 
-        await asyncio.gather(*(worker(c, time.perf_counter() + 1.0) for c in channels))  # warm-up
+        sealed = seal_ahead(1.0)
+        t = time.perf_counter()  # warm-up
+        await asyncio.gather(*(worker(c, b, t + 1.0) for c, b in zip(channels, sealed, strict=True)))
         lat.clear()
+        sealed = seal_ahead(seconds)
         t0, c0, p0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
-        await asyncio.gather(*(worker(c, t0 + seconds) for c in channels))
+        await asyncio.gather(*(worker(c, b, t0 + seconds) for c, b in zip(channels, sealed, strict=True)))
         dt = time.perf_counter() - t0
         cpu = ((cpu_seconds(pid) - c0) / dt, (time.process_time() - p0) / dt)
         await asyncio.gather(*(c.close() for c in channels))

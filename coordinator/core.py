@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,8 +96,13 @@ class Coordinator:
         # submitting call closes it before it is answered.
         self.close_in_background = close_in_background
         self.round_ready = threading.Event()
-        # Accepted updates arriving together are committed in one transaction (one disk wait).
+        # Accepted updates arriving together are committed in one transaction (one disk wait),
+        # on State.commit_tx's connection, outside the lock; a round's close first waits for
+        # the commits of its updates in flight (await_commits), and none starts meanwhile.
         self._accepted: GroupCommit[_Accepted, Committed] = GroupCommit(self._commit_accepted)
+        self._commits = threading.Condition(self.lock)
+        self._committing: Counter[tuple[str, int]] = Counter()  # (job, round) -> commits in flight
+        self._closing: Counter[tuple[str, int]] = Counter()  # (job, round) -> closes waiting for them
         # Called as a round starts to close: every update is in and no node submits until the
         # result is out (RunningCoordinator collects garbage then, not inside the next round's calls).
         self.before_close: Callable[[], None] | None = None
@@ -517,68 +523,94 @@ class Coordinator:
     def _commit_accepted(self, batch: Sequence[_Accepted]) -> list[Committed]:
         """Commit accepted updates together (``self._accepted``, a GroupCommit); per update,
         "written", "already" (that very update was in), "taken" (its slot holds another: the
-        unique index ``updates_accepted_slot`` refused it) or "closed" (its round is no longer open)."""
-        out: list[Committed] = []
+        unique index ``updates_accepted_slot`` refused it) or "closed" (its round is no longer open).
+
+        The rounds are checked open under the lock and their commits counted in flight; the
+        transaction and its disk wait run outside it (State.commit_tx), and a close of one of
+        these rounds waits for them (await_commits): an update answered "written" is in its
+        round's close, never after it."""
+        rounds = {(u.job, u.round) for u in batch}
         with self.lock:
-            with self.state.tx() as db:
-                open_rounds = {
-                    (job, round)
-                    for job, round in {(u.job, u.round) for u in batch}
-                    if db.execute(
-                        "SELECT 1 FROM rounds WHERE job=? AND round=? AND state='open'", (job, round)
-                    ).fetchone()
-                }
+            while any(self._closing[r] for r in rounds):  # a close is waiting: let it go first
+                self._commits.wait()
+            open_rounds = {
+                (job, round)
+                for job, round in rounds
+                if self.state.one(
+                    "SELECT 1 FROM rounds WHERE job=? AND round=? AND state='open'", (job, round)
+                )
+            }
+            self._committing.update(open_rounds)
+        out: list[Committed] = []
+        try:
+            with self.state.commit_tx() as db:
                 for u in batch:
-                    req = u.request
-                    if (u.job, u.round) not in open_rounds:  # it closed (deadline) while this was checked
-                        out.append("closed")
-                        continue
-                    written = db.execute(
-                        "INSERT OR IGNORE INTO updates(update_id, job, round, pool, stage, node_id, envelope,"
-                        " envelope_cid, blob_cid, status, reason, received_ms, tokens, loss, norm)"
-                        " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (
-                            u.update_id,
-                            u.job,
-                            u.round,
-                            req.pool,
-                            req.stage,
-                            u.node_id,
-                            u.envelope,
-                            u.envelope_cid,
-                            req.blob_cid,
-                            "accepted",
-                            "",
-                            now_ms(),
-                            req.tokens,
-                            req.loss,
-                            req.norm,
-                        ),
-                    ).rowcount
-                    if not written:
-                        held = db.execute(
-                            "SELECT update_id FROM updates WHERE job=? AND round=? AND pool=? AND stage=?"
-                            " AND status='accepted'",
-                            (u.job, u.round, req.pool, req.stage),
-                        ).fetchone()
-                        same = held is not None and held["update_id"] == u.update_id
-                        out.append("already" if same else "taken")
-                        continue
-                    self.state.audit(
-                        "update_accepted",
-                        node_id=u.node_id,
-                        job=u.job,
-                        round=u.round,
-                        db=db,
-                        pool=req.pool,
-                        stage=req.stage,
-                    )
-                    out.append("written")
+                    out.append(self._insert_accepted(db, u) if (u.job, u.round) in open_rounds else "closed")
+        finally:
+            with self.lock:
+                self._committing.subtract(open_rounds)
+                self._committing = +self._committing  # drop the zeros
+                self._commits.notify_all()
+        with self.lock:
             self.metrics.updates.labels(status="accepted").inc(out.count("written"))
             if not self.close_in_background:
-                for job, round in sorted({(u.job, u.round) for u in batch}):
+                for job, round in sorted(open_rounds):
                     self.closer.maybe_close(job, round)
         return out
+
+    def _insert_accepted(self, db: Any, u: _Accepted) -> Committed:
+        req = u.request
+        written = db.execute(
+            "INSERT OR IGNORE INTO updates(update_id, job, round, pool, stage, node_id, envelope,"
+            " envelope_cid, blob_cid, status, reason, received_ms, tokens, loss, norm)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                u.update_id,
+                u.job,
+                u.round,
+                req.pool,
+                req.stage,
+                u.node_id,
+                u.envelope,
+                u.envelope_cid,
+                req.blob_cid,
+                "accepted",
+                "",
+                now_ms(),
+                req.tokens,
+                req.loss,
+                req.norm,
+            ),
+        ).rowcount
+        if not written:
+            held = db.execute(
+                "SELECT update_id FROM updates WHERE job=? AND round=? AND pool=? AND stage=?"
+                " AND status='accepted'",
+                (u.job, u.round, req.pool, req.stage),
+            ).fetchone()
+            return "already" if held is not None and held["update_id"] == u.update_id else "taken"
+        self.state.audit(
+            "update_accepted", node_id=u.node_id, job=u.job, round=u.round, db=db,
+            pool=req.pool, stage=req.stage,
+        )  # fmt: skip
+        return "written"
+
+    def await_commits(self, job: str, round: int) -> None:
+        """Wait (the caller holds the lock, released meanwhile) until no accepted update of the
+        round is being committed; none starts while a caller waits."""
+        key = (job, round)
+        self._closing[key] += 1
+        try:
+            while self._committing[key]:
+                self._commits.wait()
+        finally:
+            self._closing[key] -= 1
+            if not self._closing[key]:
+                del self._closing[key]
+            self._commits.notify_all()
+
+    def commits_in_flight(self, job: str, round: int) -> bool:
+        return self._committing[(job, round)] > 0
 
     def _reject(self, verified: Verified, update_id: str, reason: str) -> pb.SubmitUpdateReply:
         req: pb.SubmitUpdateRequest = verified.body  # type: ignore[assignment]

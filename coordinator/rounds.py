@@ -161,39 +161,51 @@ class RoundCloser:
 
     def maybe_close(self, job: str, round: int, *, deadline_check: bool = False) -> None:
         with self.c.lock:
-            row = self.c.state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
-            if row is None or row["state"] != "open":
-                return
-            spec = self.c.job_spec(self.c.state.one("SELECT * FROM jobs WHERE job=?", (job,)))
-            active = [
-                r["pool"]
-                for r in self.c.state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,))
-            ]
-            expected = len(active) * spec.stages
-            late = deadline_check and now_ms() > int(row["deadline_ms"])
-            if not late:
-                # A quick bound first: fewer update rows than slots cannot answer every slot.
-                # (An index-only count; the exact count below joins every row of the round,
-                # which costs milliseconds per update when a round has a thousand of them.)
-                rows = self.c.state.one(
-                    "SELECT COUNT(*) AS n FROM updates WHERE job=? AND round=?", (job, round)
-                )
-                if rows is not None and int(rows["n"]) < expected:
+            while True:
+                due = self._due(job, round, deadline_check=deadline_check)
+                if due is None:
                     return
-            # The (pool, stage) pairs expected that have answered, counted in SQL.
-            answered = self.c.state.one(
-                "SELECT COUNT(*) AS n FROM (SELECT DISTINCT u.pool, u.stage FROM updates u"
-                " JOIN placement p ON p.job=u.job AND p.pool=u.pool AND p.stage=u.stage AND p.node_id=u.node_id"
-                " JOIN pools o ON o.job=u.job AND o.pool=u.pool AND o.state='active'"
-                " WHERE u.job=? AND u.round=? AND u.stage < ?)",
-                (job, round, spec.stages),
-            )
-            missing = expected - (answered["n"] if answered else 0)
-            if missing and not late:
-                return
+                if not self.c.commits_in_flight(job, round):
+                    break
+                # Updates of this round answered "written" are being committed: wait for them
+                # (the lock is let go meanwhile), then decide again on what is in.
+                self.c.await_commits(job, round)
+            spec, row, late = due
             if self.c.before_close is not None:
                 self.c.before_close()
-            self._close(job, round, spec, row, late=late and bool(missing))
+            self._close(job, round, spec, row, late=late)
+
+    def _due(self, job: str, round: int, *, deadline_check: bool) -> tuple[JobSpec, Any, bool] | None:
+        """(spec, round row, closed late with slots unanswered) if the round is to close now, else None."""
+        row = self.c.state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
+        if row is None or row["state"] != "open":
+            return None
+        spec = self.c.job_spec(self.c.state.one("SELECT * FROM jobs WHERE job=?", (job,)))
+        active = [
+            r["pool"]
+            for r in self.c.state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,))
+        ]
+        expected = len(active) * spec.stages
+        late = deadline_check and now_ms() > int(row["deadline_ms"])
+        if not late:
+            # A quick bound first: fewer update rows than slots cannot answer every slot.
+            # (An index-only count; the exact count below joins every row of the round,
+            # which costs milliseconds per update when a round has a thousand of them.)
+            rows = self.c.state.one("SELECT COUNT(*) AS n FROM updates WHERE job=? AND round=?", (job, round))
+            if rows is not None and int(rows["n"]) < expected:
+                return None
+        # The (pool, stage) pairs expected that have answered, counted in SQL.
+        answered = self.c.state.one(
+            "SELECT COUNT(*) AS n FROM (SELECT DISTINCT u.pool, u.stage FROM updates u"
+            " JOIN placement p ON p.job=u.job AND p.pool=u.pool AND p.stage=u.stage AND p.node_id=u.node_id"
+            " JOIN pools o ON o.job=u.job AND o.pool=u.pool AND o.state='active'"
+            " WHERE u.job=? AND u.round=? AND u.stage < ?)",
+            (job, round, spec.stages),
+        )
+        missing = expected - (answered["n"] if answered else 0)
+        if missing and not late:
+            return None
+        return spec, row, late and bool(missing)
 
     def _close(self, job: str, round: int, spec: JobSpec, row: Any, *, late: bool) -> None:
         t0 = now_ms()

@@ -174,6 +174,9 @@ class State:
                 ", ".join(f"{r['job']}/{r['round']}/{r['pool']}/{r['stage']}" for r in rows),
             )
         self.lock = threading.RLock()
+        # One writer at a time across this State's connections (no busy-waiting on SQLite's lock).
+        self._write_lock = threading.Lock()
+        self._commit_db: sqlite3.Connection | None = None  # commit_tx's, opened at its first use
         self._heartbeats: dict[str, tuple[int, dict[str, Any]]] = {}  # node -> newest known (time, status)
         self._unflushed: dict[str, tuple[int, dict[str, Any]]] = {}  # received here since the last flush
         self._beats_lock = threading.Lock()
@@ -206,6 +209,9 @@ class State:
         with self.lock:
             self.flush_heartbeats()
             self._db.close()
+            with self._write_lock:
+                if self._commit_db is not None:
+                    self._commit_db.close()
             if self._side_db is not None:
                 self._side_db.close()
         if self.own is not None:
@@ -215,7 +221,7 @@ class State:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction, committed on success (under the state lock)."""
-        with self.lock:
+        with self.lock, self._write_lock:
             try:
                 with _transaction(self._db) as db:
                     yield db
@@ -223,6 +229,36 @@ class State:
                 for table in self._versions:  # a cached read inside the transaction may be undone
                     self._changed(table)
                 raise
+
+    @contextmanager
+    def commit_tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction on a connection of its own, for rows no cached read depends on
+        (``updates``, ``audit``): its commit's disk wait (synchronous=FULL) holds neither the
+        state lock nor the reads waiting for it. Once it returns, every read sees its rows.
+
+        A write to a table that :meth:`cached` reads is refused here (SQLite aborts it):
+        this connection's writes do not drop cached reads.
+        """
+        with self._write_lock:
+            if self._commit_db is None:
+                self._commit_db = self._commit_connection()
+            with _transaction(self._commit_db) as db:
+                yield db
+
+    def _commit_connection(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        self._no_autocheckpoint(db)
+        for table, update in WATCHED.items():
+            for event in ("INSERT", update, "DELETE"):
+                db.execute(
+                    f"CREATE TEMP TRIGGER panal_commit_{table}_{event.split()[0].lower()} BEFORE {event} ON {table}"
+                    f" BEGIN SELECT RAISE(ABORT, 'State.commit_tx writes no cached table ({table}): use State.tx');"
+                    " END"
+                )
+        return db
 
     @contextmanager
     def own_tx(self) -> Iterator[sqlite3.Connection]:

@@ -287,6 +287,48 @@ def test_story_an_update_still_being_checked_when_its_round_closes(world, monkey
     assert f"round {a.round} closed while the update was being checked" in held["reply"].reason
 
 
+def test_story_an_update_being_committed_when_its_round_closes_is_in_the_close(world, monkeypatch):
+    """The round's deadline passes while an update that passed every check is being committed
+    (outside the coordinator's lock, so that its disk wait holds up no other call): the close
+    waits for that commit, and the update, answered accepted, is aggregated in that round."""
+    nodes = running_job(world, round_timeout_s=3)
+    coordinator = world["running"].coordinator
+    for n in nodes["pool-b"]:  # pool-b answers; pool-a's first stage does not
+        b = assignment(n)
+        assert submit(n, b, make_update(world, n, b)[1]).status == pb.UPDATE_STATUS_ACCEPTED
+    late = nodes["pool-a"][0]
+    a = assignment(late)
+    _, req = make_update(world, late, a)
+    committing, go_on = threading.Event(), threading.Event()
+    real = coordinator.state.commit_tx
+
+    @contextmanager
+    def held_commit():
+        committing.set()  # counted in flight, its transaction not begun
+        assert go_on.wait(30), "the test never let the commit go on"
+        with real() as db:
+            yield db
+
+    monkeypatch.setattr(coordinator.state, "commit_tx", held_commit)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("reply", submit(late, a, req)))
+    t.start()
+    try:
+        assert committing.wait(20), "the update never reached its commit"
+        # The deadline passes; the loop's close waits for the commit in flight.
+        wait_for(lambda: coordinator._closing[(a.job, a.round)], what="the close waiting for the commit")
+        got = late.call("GetRoundResult", pb.GetRoundResultRequest(), job=a.job, round=a.round)
+        assert not got.ready
+    finally:
+        go_on.set()
+        t.join(30)
+    assert out["reply"].status == pb.UPDATE_STATUS_ACCEPTED, out["reply"].reason
+    result = open_envelope(round_result(late, a.round).result, pb.RoundResult, replay=None).body
+    stage = next(s for s in result.stages if s.stage == a.stage)
+    assert out["reply"].update_id in stage.accepted_update_ids
+    assert "pool-a" in result.pools
+
+
 def test_story_a_blob_whose_hash_does_not_match_its_manifest(world):
     nodes = running_job(world)
     n = nodes["pool-a"][1]

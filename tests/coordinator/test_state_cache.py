@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import threading
 import time
 
+import pytest
 import torch
 
 from coordinator.state import HEARTBEAT_SQL, State, now_ms
@@ -193,4 +196,40 @@ def test_the_coordinator_writes_back_only_the_heartbeats_it_received(tmp_path):
     assert json.loads(state.one("SELECT status FROM nodes WHERE node_id='n2'")["status"]) == {"step": 9}
     state.flush_heartbeats()  # nothing new since: nothing written
     frontend.close()
+    state.close()
+
+
+def test_an_update_commit_waits_for_the_disk_without_holding_up_reads(tmp_path):
+    """Accepted updates commit on a connection of their own (State.commit_tx): while one is
+    open, as during its disk wait, reads and cached reads go on; once it returns, they see it.
+    It writes only tables no cached read depends on: a write to a cached one is refused."""
+    state = make_state(tmp_path)
+    assert state.node("n1").state == "active"  # cached
+    inside, go_on = threading.Event(), threading.Event()
+    insert = "INSERT INTO updates(update_id, job, round, pool, stage, node_id, status) VALUES(?,?,?,?,?,?,?)"
+
+    def commit():
+        with state.commit_tx() as db:
+            db.execute(insert, ("u1", "j", 0, "pool-a", 0, "n1", "accepted"))
+            state.audit("update_accepted", node_id="n1", job="j", round=0, db=db)
+            inside.set()
+            assert go_on.wait(20)
+
+    t = threading.Thread(target=commit)
+    t.start()
+    try:
+        assert inside.wait(20)
+        # The state lock is free: a read answers now, and sees nothing uncommitted.
+        assert state.one("SELECT COUNT(*) AS n FROM updates")["n"] == 0
+        assert state.node("n1").state == "active"
+    finally:
+        go_on.set()
+        t.join(20)
+    assert state.one("SELECT update_id FROM updates")["update_id"] == "u1"
+    assert state.one("SELECT kind FROM audit WHERE node_id='n1'")["kind"] == "update_accepted"
+    with pytest.raises(sqlite3.IntegrityError, match="writes no cached table \\(nodes\\)"):
+        with state.commit_tx() as db:
+            db.execute("UPDATE nodes SET state='lost' WHERE node_id='n1'")
+    assert state.node("n1").state == "active"
+    assert state.one("SELECT state FROM nodes WHERE node_id='n1'")["state"] == "active"
     state.close()
