@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -225,8 +225,9 @@ class RoundCloser:
             for r in self.c.state.query("SELECT pool, shards FROM pools WHERE job=?", (job,))
         }
         absent_of = self._absent_tokens(spec) if defence.detection.max_absent_row_ratio is not None else None
+        verified_of = _by_stage(verified)
         for s in range(spec.stages):
-            inputs = [u for u in verified if int(u["stage"]) == s]
+            inputs = verified_of[s]
             if not inputs:
                 failures.append(f"stage {s} has no update")
                 continue
@@ -255,8 +256,9 @@ class RoundCloser:
                 if not v.accepted:
                     detected[v.id] = "rejected by detection: " + "; ".join(v.reasons)
         accepted = [u for u in verified if u["update_id"] not in detected]
+        accepted_of = _by_stage(accepted)
         for s in range(spec.stages):
-            pools = {u["pool"] for u in accepted if int(u["stage"]) == s}
+            pools = {u["pool"] for u in accepted_of[s]}
             if len(pools) < spec.min_pools:
                 failures.append(
                     f"stage {s} has accepted updates from {len(pools)} pool(s), fewer than min_pools {spec.min_pools}"
@@ -270,11 +272,12 @@ class RoundCloser:
             for i, s in enumerate(stages):
                 new_cids[str(s)], new_momentum[str(s)] = cids[2 * i], cids[2 * i + 1]
         reasons = {u["update_id"]: u["reason"] for u in updates if u["status"] == "rejected"} | detected
+        rejected_of = _by_stage(u for u in updates if u["update_id"] in reasons)
         stage_results = [
             pb.StageResult(
                 stage=s,
                 weights_cid=new_cids[str(s)],
-                accepted_update_ids=[u["update_id"] for u in accepted if int(u["stage"]) == s],
+                accepted_update_ids=[u["update_id"] for u in accepted_of[s]],
                 rejected=[
                     pb.RejectedUpdate(
                         update_id=u["update_id"],
@@ -283,15 +286,14 @@ class RoundCloser:
                         stage=s,
                         reason=reasons[u["update_id"]],
                     )
-                    for u in updates
-                    if u["update_id"] in reasons and int(u["stage"]) == s
+                    for u in rejected_of[s]
                 ],
                 start_weights_cid=start_cids[str(s)],
                 start_momentum_cid=momentum_cids.get(str(s), ""),
                 momentum_cid=new_momentum.get(str(s), ""),
-                input_envelope_cids=[u["envelope_cid"] for u in verified if int(u["stage"]) == s],
+                input_envelope_cids=[u["envelope_cid"] for u in verified_of[s]],
                 notes=list(outcomes[s].notes) if s in outcomes else [],
-                scores=_scores(outcomes[s], verified) if s in outcomes else [],
+                scores=_scores(outcomes[s], verified_of[s]) if s in outcomes else [],
             )
             for s in range(spec.stages)
         ]
@@ -473,8 +475,17 @@ def finite_score(x: float | None) -> float:
     return 0.0 if x is None else (x if abs(x) != float("inf") else (1e308 if x > 0 else -1e308))
 
 
+def _by_stage(rows: Iterable[Any]) -> defaultdict[int, list[Any]]:
+    """Update rows by stage, each stage's in their order (a stage without any: [])."""
+    out: defaultdict[int, list[Any]] = defaultdict(list)
+    for u in rows:
+        out[int(u["stage"])].append(u)
+    return out
+
+
 def _scores(out: StageDefence, verified: list[Any]) -> list[pb.UpdateScore]:
-    """Detection's scores of each update of one stage, in the order the rule saw them."""
+    """Detection's scores of each update of one stage (``verified``: the stage's inputs), in the
+    order the rule saw them."""
     rows = {u["update_id"]: u for u in verified}
     return [
         pb.UpdateScore(

@@ -414,8 +414,20 @@ def cid_of_stream(source: Source, *, cid_version: int = 0, raw_leaves: bool | No
 
 
 def cid_of_bytes(data: BytesLike, *, cid_version: int = 0, raw_leaves: bool | None = None) -> CID:
+    view = memoryview(data).cast("B")
+    if len(view) <= CHUNK_SIZE and cid_version in (0, 1):
+        # One chunk: its leaf is the root. Hashed in place (a CidBuilder would first copy it
+        # into a chunk buffer of its own): envelopes and small blobs are hashed on every call.
+        raw = cid_version == 1 if raw_leaves is None else raw_leaves  # as CidBuilder
+        if raw:
+            return CID(1, CODEC_RAW, hashlib.sha256(view).digest())
+        head, tail = _leaf_framing(len(view))
+        h = hashlib.sha256(head)
+        h.update(view)
+        h.update(tail)
+        return CID(cid_version, CODEC_DAG_PB, h.digest())
     builder = CidBuilder(cid_version=cid_version, raw_leaves=raw_leaves)
-    builder.update(data)
+    builder.update(view)
     return builder.finish()
 
 

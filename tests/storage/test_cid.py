@@ -186,6 +186,17 @@ def test_every_kind_of_source_gives_the_same_cid(version: int, raw: bool, tmp_pa
     assert cid_of_file(path, cid_version=version, raw_leaves=raw) == expected
 
 
+@pytest.mark.parametrize("version,raw", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("size", [0, 1, 14_000, C - 1, C, C + 1])
+def test_one_call_cid_of_bytes_agrees_with_the_builder(version: int, raw: bool, size: int) -> None:
+    # cid_of_bytes hashes a single chunk in place, without a builder: the same CID either way.
+    data = random.Random(size).randbytes(size)
+    builder = CidBuilder(cid_version=version, raw_leaves=raw)
+    builder.update(data)
+    assert cid_of_bytes(data, cid_version=version, raw_leaves=raw) == builder.finish()
+    assert cid_of_bytes(bytearray(data), cid_version=version, raw_leaves=raw) == builder.finish()
+
+
 def test_builder_refuses_input_after_finish() -> None:
     builder = CidBuilder()
     builder.update(b"abc")
