@@ -542,12 +542,17 @@ class Coordinator:
             }
             self._committing.update(open_rounds)
         out: list[Committed] = []
+        committed = False
         try:
             with self.state.commit_tx() as db:
                 for u in batch:
                     out.append(self._insert_accepted(db, u) if (u.job, u.round) in open_rounds else "closed")
+            committed = True
         finally:
             with self.lock:
+                for u, outcome in zip(batch, out if committed else [], strict=False):
+                    if outcome == "written":  # counted before a close waiting for it goes on
+                        self.closer.row_written(u.job, u.round)
                 self._committing.subtract(open_rounds)
                 self._committing = +self._committing  # drop the zeros
                 self._commits.notify_all()
@@ -646,6 +651,7 @@ class Coordinator:
                 stage=req.stage,
                 reason=reason,
             )
+        self.closer.row_written(verified.job, verified.round)
         self.metrics.updates.labels(status="rejected").inc()
         log.warning(
             "rejected update of %s for %s/%s round %s: %s",

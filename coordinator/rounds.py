@@ -48,6 +48,7 @@ log = logging.getLogger("panal.coordinator")
 
 WEIGHT_LIMITS = TensorLimits(max_bytes=64 << 30)
 MAX_SPECS = 4096  # weights specs remembered (RoundCloser.weights_spec): many rounds of a deep job
+MAX_COUNTED = 64  # rounds whose update rows RoundCloser counts in memory, newest kept
 
 
 class RoundCloser:
@@ -60,6 +61,11 @@ class RoundCloser:
         self._needs: dict[str, list[int]] = {}
         self.kept = TensorCache()  # deltas checked at submission, weights and momentum this closer wrote
         self._tokens: dict[str, ShardTokens] = {}  # dataset CID → its shards' token presence
+        # (job, round) -> its update rows, accepted or rejected: counted in the database once, then
+        # as the coordinator commits them (row_written). The completeness check's quick bound, on
+        # every accepted update: an SQL count of a thousand rows each time cost more than the rest.
+        self._rows: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._rows_lock = threading.Lock()
 
     # ------------------------------------------------------------ lookups
 
@@ -175,25 +181,43 @@ class RoundCloser:
                 self.c.before_close()
             self._close(job, round, spec, row, late=late)
 
+    def row_written(self, job: str, round: int) -> None:
+        """An update row of the round (accepted or rejected) was committed."""
+        with self._rows_lock:
+            if (job, round) in self._rows:
+                self._rows[(job, round)] += 1
+
+    def _update_rows(self, job: str, round: int) -> int:
+        """The round's update rows: at least as many as are committed (one in flight may be
+        counted already; the exact check in _due is in SQL)."""
+        key = (job, round)
+        with self._rows_lock:
+            if key not in self._rows:
+                row = self.c.state.one("SELECT COUNT(*) AS n FROM updates WHERE job=? AND round=?", key)
+                self._rows[key] = int(row["n"]) if row is not None else 0
+                while len(self._rows) > MAX_COUNTED:
+                    self._rows.popitem(last=False)
+            return self._rows[key]
+
     def _due(self, job: str, round: int, *, deadline_check: bool) -> tuple[JobSpec, Any, bool] | None:
         """(spec, round row, closed late with slots unanswered) if the round is to close now, else None."""
-        row = self.c.state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
+        state = self.c.state
+        row = state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
         if row is None or row["state"] != "open":
             return None
-        spec = self.c.job_spec(self.c.state.one("SELECT * FROM jobs WHERE job=?", (job,)))
-        active = [
-            r["pool"]
-            for r in self.c.state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,))
-        ]
+        job_row = state.cached(("job", job), ("jobs",), lambda: state.one("SELECT * FROM jobs WHERE job=?", (job,)))
+        spec = self.c.job_spec(job_row)
+        active = state.cached(
+            ("active pools", job),
+            ("pools",),
+            lambda: state.query("SELECT pool FROM pools WHERE job=? AND state='active'", (job,)),
+        )
         expected = len(active) * spec.stages
         late = deadline_check and now_ms() > int(row["deadline_ms"])
-        if not late:
-            # A quick bound first: fewer update rows than slots cannot answer every slot.
-            # (An index-only count; the exact count below joins every row of the round,
-            # which costs milliseconds per update when a round has a thousand of them.)
-            rows = self.c.state.one("SELECT COUNT(*) AS n FROM updates WHERE job=? AND round=?", (job, round))
-            if rows is not None and int(rows["n"]) < expected:
-                return None
+        # A quick bound first: fewer update rows than slots cannot answer every slot. (The exact
+        # count below joins every row of the round: milliseconds, when a round has a thousand.)
+        if not late and self._update_rows(job, round) < expected:
+            return None
         # The (pool, stage) pairs expected that have answered, counted in SQL.
         answered = self.c.state.one(
             "SELECT COUNT(*) AS n FROM (SELECT DISTINCT u.pool, u.stage FROM updates u"

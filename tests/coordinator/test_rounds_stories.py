@@ -358,6 +358,24 @@ def test_story_malformed_pseudo_gradients(world, story, tamper, reason):
     assert reply.status == pb.UPDATE_STATUS_REJECTED and reason in reply.reason, (story, reply.reason)
 
 
+def test_a_slot_answered_by_a_rejected_update_does_not_hold_the_round_open(world):
+    """The node holding a slot sends an update that is rejected: its slot has answered. Once
+    every other slot has too, the round closes at once (not at its 120 s deadline), without it."""
+    nodes = running_job(world)
+    bad = nodes["pool-b"][0]
+    a = assignment(bad)
+    nan = lambda d: next(iter(d.values())).view(-1).__setitem__(0, float("nan"))  # noqa: E731
+    rejected = submit(bad, a, make_update(world, bad, a, tamper=nan)[1])
+    assert rejected.status == pb.UPDATE_STATUS_REJECTED
+    for n in [*nodes["pool-a"], *nodes["pool-b"][1:]]:
+        b = assignment(n)
+        assert submit(n, b, make_update(world, n, b)[1]).status == pb.UPDATE_STATUS_ACCEPTED
+    result = open_envelope(round_result(bad, a.round).result, pb.RoundResult, replay=None).body
+    stage = next(s for s in result.stages if s.stage == a.stage)
+    assert [r.update_id for r in stage.rejected] == [rejected.update_id]
+    assert len(stage.accepted_update_ids) == 1  # pool-a's
+
+
 def test_heartbeats_on_a_stream_reach_the_coordinator_and_stop_at_eviction(world):
     node = enroll(world, "pool-a")
     stream = HeartbeatStream(node.client)
