@@ -238,11 +238,36 @@ def held_at_its_blob_check(monkeypatch, node, a, req):
         return real(store, request, **kw)
 
     monkeypatch.setattr(coordinator.core, "load_update", held)
+    with submitted_and_held(node, a, req, checking, go_on, "blob check") as out:
+        yield out
+
+
+@contextmanager
+def held_at_its_commit(monkeypatch, coordinator, node, a, req):
+    """``submit(node, a, req)`` in a thread, held as its commit starts (every check passed, counted
+    in flight, its transaction not begun) until the block ends; yields as held_at_its_blob_check."""
+    committing, go_on = threading.Event(), threading.Event()
+    real = coordinator.state.commit_tx
+
+    @contextmanager
+    def held():
+        committing.set()
+        assert go_on.wait(30), "the test never let the commit go on"
+        with real() as db:
+            yield db
+
+    monkeypatch.setattr(coordinator.state, "commit_tx", held)
+    with submitted_and_held(node, a, req, committing, go_on, "commit") as out:
+        yield out
+
+
+@contextmanager
+def submitted_and_held(node, a, req, reached, go_on, where):
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("reply", submit(node, a, req)))
     t.start()
     try:
-        assert checking.wait(20), "the update never reached its blob check"
+        assert reached.wait(20), f"the update never reached its {where}"
         yield out
     finally:
         go_on.set()
@@ -299,29 +324,11 @@ def test_story_an_update_being_committed_when_its_round_closes_is_in_the_close(w
     late = nodes["pool-a"][0]
     a = assignment(late)
     _, req = make_update(world, late, a)
-    committing, go_on = threading.Event(), threading.Event()
-    real = coordinator.state.commit_tx
-
-    @contextmanager
-    def held_commit():
-        committing.set()  # counted in flight, its transaction not begun
-        assert go_on.wait(30), "the test never let the commit go on"
-        with real() as db:
-            yield db
-
-    monkeypatch.setattr(coordinator.state, "commit_tx", held_commit)
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("reply", submit(late, a, req)))
-    t.start()
-    try:
-        assert committing.wait(20), "the update never reached its commit"
+    with held_at_its_commit(monkeypatch, coordinator, late, a, req) as out:
         # The deadline passes; the loop's close waits for the commit in flight.
         wait_for(lambda: coordinator._closing[(a.job, a.round)], what="the close waiting for the commit")
         got = late.call("GetRoundResult", pb.GetRoundResultRequest(), job=a.job, round=a.round)
         assert not got.ready
-    finally:
-        go_on.set()
-        t.join(30)
     assert out["reply"].status == pb.UPDATE_STATUS_ACCEPTED, out["reply"].reason
     result = open_envelope(round_result(late, a.round).result, pb.RoundResult, replay=None).body
     stage = next(s for s in result.stages if s.stage == a.stage)
