@@ -182,7 +182,8 @@ class RoundCloser:
             self._close(job, round, spec, row, late=late)
 
     def row_written(self, job: str, round: int) -> None:
-        """An update row of the round (accepted or rejected) was committed."""
+        """An update row of the round (accepted or rejected) was committed. Called without the
+        state lock held (_update_rows reads the database under ``_rows_lock``)."""
         with self._rows_lock:
             if (job, round) in self._rows:
                 self._rows[(job, round)] += 1
@@ -205,8 +206,9 @@ class RoundCloser:
         row = state.one("SELECT * FROM rounds WHERE job=? AND round=?", (job, round))
         if row is None or row["state"] != "open":
             return None
-        job_row = state.cached(("job", job), ("jobs",), lambda: state.one("SELECT * FROM jobs WHERE job=?", (job,)))
-        spec = self.c.job_spec(job_row)
+        spec = self.c.job_spec(
+            state.cached(("job", job), ("jobs",), lambda: state.one("SELECT * FROM jobs WHERE job=?", (job,)))
+        )
         active = state.cached(
             ("active pools", job),
             ("pools",),
