@@ -103,21 +103,22 @@ WATCHED = {
 }
 
 
+def _watched_triggers(name: str, when: str, action: str, *, temp: bool) -> str:
+    """A trigger for every write to a WATCHED table (insert, watched update, delete): ``when``
+    ("AFTER" or "BEFORE") it, ``action`` runs, with ``{table}`` standing for the table's name."""
+    return "".join(
+        f"CREATE {'TEMP ' if temp else ''}TRIGGER IF NOT EXISTS {name}_{table}_{event.split()[0].lower()}"
+        f" {when} {event} ON {table} BEGIN {action.format(table=table)}; END;"
+        for table, update in WATCHED.items()  # the names are this module's constants
+        for event in ("INSERT", update, "DELETE")
+    )
+
+
 # Every write to a WATCHED table counts itself in ``versions``, in its own transaction, whichever
 # process makes it: how a shared State (another process) knows what its cache must drop.
-def _version_triggers() -> str:
-    sql = []
-    for table, update in WATCHED.items():  # the names are this module's constants
-        sql.append(f"INSERT OR IGNORE INTO versions(name, n) VALUES('{table}', 0);")  # noqa: S608
-        for event in ("INSERT", update, "DELETE"):
-            sql.append(
-                f"CREATE TRIGGER IF NOT EXISTS panal_version_{table}_{event.split()[0].lower()}"  # noqa: S608
-                f" AFTER {event} ON {table} BEGIN UPDATE versions SET n = n + 1 WHERE name = '{table}'; END;"
-            )
-    return "".join(sql)
-
-
-VERSION_TRIGGERS = _version_triggers()
+VERSION_TRIGGERS = "".join(
+    f"INSERT OR IGNORE INTO versions(name, n) VALUES('{table}', 0);" for table in WATCHED  # noqa: S608
+) + _watched_triggers("panal_version", "AFTER", "UPDATE versions SET n = n + 1 WHERE name = '{table}'", temp=False)
 
 T = TypeVar("T")
 
@@ -190,12 +191,7 @@ class State:
         self._versions = dict.fromkeys(WATCHED, 0)  # writes seen per table
         self._cache: dict[Hashable, tuple[tuple[int, ...], Any]] = {}
         self._db.create_function("panal_changed", 1, self._changed)
-        for table, update in WATCHED.items():
-            for event in ("INSERT", update, "DELETE"):
-                self._db.execute(
-                    f"CREATE TEMP TRIGGER panal_{table}_{event.split()[0].lower()} AFTER {event} ON {table}"
-                    f" BEGIN SELECT panal_changed('{table}'); END"
-                )
+        self._db.executescript(_watched_triggers("panal", "AFTER", "SELECT panal_changed('{table}')", temp=True))
         self._closed = threading.Event()
         if shared:
             self.own = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -220,7 +216,8 @@ class State:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction, committed on success (under the state lock)."""
+        """One transaction, committed on success (under the state lock, and the write lock that
+        commit_tx shares)."""
         with self.lock, self._write_lock:
             try:
                 with _transaction(self._db) as db:
@@ -251,13 +248,8 @@ class State:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         self._no_autocheckpoint(db)
-        for table, update in WATCHED.items():
-            for event in ("INSERT", update, "DELETE"):
-                db.execute(
-                    f"CREATE TEMP TRIGGER panal_commit_{table}_{event.split()[0].lower()} BEFORE {event} ON {table}"
-                    f" BEGIN SELECT RAISE(ABORT, 'State.commit_tx writes no cached table ({table}): use State.tx');"
-                    " END"
-                )
+        refuse = "SELECT RAISE(ABORT, 'State.commit_tx writes no cached table ({table}): use State.tx')"
+        db.executescript(_watched_triggers("panal_commit", "BEFORE", refuse, temp=True))
         return db
 
     @contextmanager

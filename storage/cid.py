@@ -214,6 +214,21 @@ def _leaf_framing(n: int) -> tuple[bytes, bytes]:
     return b"\x0a" + _varint(unixfs_len) + unixfs_head, tail
 
 
+def _leaf_cid(
+    chunk: memoryview, cid_version: int, *, raw: bool, framing: tuple[bytes, bytes] | None = None
+) -> CID:
+    """A leaf's CID: a raw block, or the chunk in its dag-pb framing (``_leaf_framing``),
+    hashed around it in place rather than concatenated into a block."""
+    if raw:
+        # Raw blocks have no CIDv0 form: Kubo makes raw leaves CIDv1 even under a v0 root.
+        return CID(1, CODEC_RAW, hashlib.sha256(chunk).digest())
+    head, tail = framing or _leaf_framing(len(chunk))
+    h = hashlib.sha256(head)
+    h.update(chunk)
+    h.update(tail)
+    return CID(cid_version, CODEC_DAG_PB, h.digest())
+
+
 class _Link(NamedTuple):
     cid: CID
     tsize: int  # serialized bytes of the whole subtree (dag-pb Tsize)
@@ -335,18 +350,13 @@ class CidBuilder:
         self._leaf_count += 1
         n = len(chunk)
         if self.raw_leaves:
-            # Raw blocks have no CIDv0 form: Kubo makes raw leaves CIDv1 even under a v0 root.
-            cid = CID(1, CODEC_RAW, hashlib.sha256(chunk).digest())
+            cid = _leaf_cid(chunk, self.cid_version, raw=True)
             tsize = n
             if self._on_block is not None:
                 self._on_block(cid, chunk.tobytes())
         else:
             head, tail = self._full_framing if n == self._chunk_size else _leaf_framing(n)
-            # Hash framing and data in place rather than concatenating a 256 KiB block.
-            h = hashlib.sha256(head)
-            h.update(chunk)
-            h.update(tail)
-            cid = CID(self.cid_version, CODEC_DAG_PB, h.digest())
+            cid = _leaf_cid(chunk, self.cid_version, raw=False, framing=(head, tail))
             tsize = len(head) + n + len(tail)
             if self._on_block is not None:
                 self._on_block(cid, b"".join((head, chunk, tail)))
@@ -418,14 +428,7 @@ def cid_of_bytes(data: BytesLike, *, cid_version: int = 0, raw_leaves: bool | No
     if len(view) <= CHUNK_SIZE and cid_version in (0, 1):
         # One chunk: its leaf is the root. Hashed in place (a CidBuilder would first copy it
         # into a chunk buffer of its own): envelopes and small blobs are hashed on every call.
-        raw = cid_version == 1 if raw_leaves is None else raw_leaves  # as CidBuilder
-        if raw:
-            return CID(1, CODEC_RAW, hashlib.sha256(view).digest())
-        head, tail = _leaf_framing(len(view))
-        h = hashlib.sha256(head)
-        h.update(view)
-        h.update(tail)
-        return CID(cid_version, CODEC_DAG_PB, h.digest())
+        return _leaf_cid(view, cid_version, raw=cid_version == 1 if raw_leaves is None else raw_leaves)
     builder = CidBuilder(cid_version=cid_version, raw_leaves=raw_leaves)
     builder.update(view)
     return builder.finish()
